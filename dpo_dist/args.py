@@ -1,0 +1,229 @@
+"""The one argument set of dpo-dist's rank entry (`python -m dpo_dist.dpo`).
+
+Three dataclasses parsed with `transformers.HfArgumentParser`, in the style of TRL's
+`trl/scripts/dpo.py`. The names keep the seed scripts' contract (DESIGN.md §2); the
+trainer adapter (`dpo_dist.trainers`) maps them onto trl 0.22's `DPOConfig` on CPU/CUDA
+and onto optimum-habana's `GaudiDPOConfig` (trl 0.9.6 style) on HPU.
+
+Options can also come from a YAML recipe: `--config recipes/llama3-8b.yaml`; values given
+on the command line win over the recipe.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field, fields
+from typing import Optional
+
+# Loss types each trainer API accepts. trl 0.22 (CPU/CUDA) and trl 0.9.6 (the Gaudi image).
+LOSS_TYPES_TRL_022 = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_pair", "apo_zero", "apo_down", "discopop", "sft",
+)
+LOSS_TYPES_TRL_096 = (
+    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
+    "aot", "aot_pair", "kto_pair",
+)
+LOSS_TYPES = tuple(dict.fromkeys(LOSS_TYPES_TRL_022 + LOSS_TYPES_TRL_096))
+
+# One name per concept: the same words the planner uses for where the reference lives.
+REFERENCE_STRATEGIES = ("auto", "adapter", "sharded", "replicated", "precomputed")
+
+
+class UserError(ValueError):
+    """Bad input from the user (arguments, data, model, config): the message says what and how to fix it."""
+
+
+class ArgumentError(UserError):
+    """Bad user input: the message names the argument, what was expected and the fix."""
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: Optional[str] = field(
+        default=None,
+        metadata={"help": "Hub id or local folder of the model to align (required: there are no default models)."},
+    )
+    tokenizer_name_or_path: Optional[str] = field(
+        default=None, metadata={"help": "Tokenizer hub id or folder; defaults to the model's."}
+    )
+    attn_implementation: Optional[str] = field(
+        default=None,
+        metadata={"help": "Attention implementation; default per family (eager for Gemma 3, sdpa otherwise)."},
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the hub."})
+    use_peft: bool = field(default=False, metadata={"help": "Train LoRA adapters; the reference is the adapter-disabled model."})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
+    lora_target_modules: Optional[str] = field(
+        default=None,
+        metadata={"help": "Comma-separated module names for LoRA; default per family (all attention and MLP projections)."},
+    )
+
+
+@dataclass
+class DataArguments:
+    dataset_name: str = field(
+        default="Anthropic/hh-rlhf",
+        metadata={"help": "Hub dataset name, or a local .json/.jsonl/.parquet file or folder."},
+    )
+    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration / data_dir on the hub."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str = field(default="test", metadata={"help": "Held-out split; carved from train when absent."})
+    eval_fraction: float = field(
+        default=0.05, metadata={"help": "Held-out fraction carved (seeded) from train when the dataset has no test split."}
+    )
+    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many training pairs."})
+    max_eval_samples: Optional[int] = field(default=200, metadata={"help": "Keep at most this many held-out pairs."})
+    overlong: str = field(
+        default="truncate",
+        metadata={"help": "Rows longer than max_length: 'truncate' (prompt left-truncated) or 'drop'.", "choices": ["truncate", "drop"]},
+    )
+
+
+@dataclass
+class TrainArguments:
+    output_dir: str = field(default="dpo_output", metadata={"help": "Where checkpoints, the model and metrics go."})
+    overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
+    resume_from_checkpoint: Optional[str] = field(
+        default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."}
+    )
+    device: str = field(default="auto", metadata={"help": "auto, hpu, cuda or cpu.", "choices": ["auto", "hpu", "cuda", "cpu"]})
+    deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (see ds_configs/)."})
+    reference: str = field(
+        default="auto",
+        metadata={
+            "help": "Where the reference model lives: adapter (LoRA, adapter off), sharded/replicated (a second "
+            "model), precomputed (log-probs computed once before training). auto picks adapter with --use_peft, "
+            "otherwise a second model.",
+            "choices": list(REFERENCE_STRATEGIES),
+        },
+    )
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Pairs per card per micro-step."})
+    per_device_eval_batch_size: int = field(default=4, metadata={"help": "Pairs per card for evaluation."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-steps per optimizer step."})
+    learning_rate: float = field(default=5e-6, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "HF scheduler name."})
+    warmup_steps: int = field(default=0, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    optim: str = field(default="adamw_torch", metadata={"help": "HF optimizer name."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs over the training pairs."})
+    max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."})
+    max_length: int = field(default=512, metadata={"help": "Max tokens of prompt + response."})
+    max_prompt_length: int = field(default=128, metadata={"help": "Max prompt tokens (left-truncated)."})
+    max_target_length: Optional[int] = field(
+        default=None, metadata={"help": "Max response tokens; default max_length - max_prompt_length."}
+    )
+    beta: float = field(default=0.1, metadata={"help": "DPO beta (strength of the KL penalty)."})
+    loss_type: str = field(default="sigmoid", metadata={"help": "DPO loss: " + ", ".join(LOSS_TYPES)})
+    label_smoothing: float = field(default=0.0, metadata={"help": "Label smoothing (cDPO / robust)."})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    bf16: bool = field(default=False, metadata={"help": "Train in bf16 (default on HPU recipes)."})
+    seed: int = field(default=42, metadata={"help": "Seed for data order, LoRA init and dropout."})
+    logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
+    save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most N checkpoints."})
+    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: only at the end)."})
+    report_to: str = field(default="none", metadata={"help": "HF report_to (none, tensorboard, wandb, ...)."})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader workers per rank."})
+    dist_timeout: int = field(default=1800, metadata={"help": "Seconds a collective may wait before the run fails."})
+    no_merge: bool = field(default=False, metadata={"help": "Skip the post-step merge into <output_dir>_merged."})
+    diagnostics: bool = field(
+        default=False,
+        metadata={"help": "Also write diagnostics.json (reference log-probs before/after, shard sizes) for verification."},
+    )
+    local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; leave it alone."})
+    gaudi_config_name: Optional[str] = field(
+        default=None, metadata={"help": "HPU only: GaudiConfig hub id or file (default: built in)."}
+    )
+
+    @property
+    def max_completion_length(self) -> int:
+        return self.max_target_length or (self.max_length - self.max_prompt_length)
+
+
+ARG_DATACLASSES = (ModelArguments, DataArguments, TrainArguments)
+
+
+def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
+    """Checks that need no I/O. Raises ArgumentError naming the argument and the fix."""
+    if not model_args.model_name_or_path:
+        raise ArgumentError(
+            "--model_name_or_path is required: there are no default models. Pass a hub id "
+            "(e.g. google/gemma-3-270m) or a local model folder (e.g. the tiny default from "
+            "`python -m dpo_dist.tiny`)."
+        )
+    if train_args.loss_type not in LOSS_TYPES:
+        raise ArgumentError(
+            f"--loss_type {train_args.loss_type!r} is not a known DPO loss. Choose one of: {', '.join(LOSS_TYPES)}."
+        )
+    if not train_args.beta > 0:
+        raise ArgumentError(f"--beta must be > 0 (got {train_args.beta}); typical values are 0.05-0.5.")
+    if not train_args.learning_rate > 0:
+        raise ArgumentError(f"--learning_rate must be > 0 (got {train_args.learning_rate}).")
+    for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(train_args, name) < 1:
+            raise ArgumentError(f"--{name} must be a positive integer (got {getattr(train_args, name)}).")
+    if train_args.max_prompt_length >= train_args.max_length:
+        raise ArgumentError(
+            f"--max_prompt_length ({train_args.max_prompt_length}) must be smaller than --max_length "
+            f"({train_args.max_length}), to leave room for the response."
+        )
+    if train_args.max_target_length is not None and train_args.max_target_length < 1:
+        raise ArgumentError(f"--max_target_length must be positive (got {train_args.max_target_length}).")
+    if train_args.reference == "adapter" and not model_args.use_peft:
+        raise ArgumentError("--reference adapter needs --use_peft (the reference is the adapter-disabled model).")
+    if not 0 < data_args.eval_fraction < 1:
+        raise ArgumentError(f"--eval_fraction must be in (0, 1) (got {data_args.eval_fraction}).")
+    for name in ("max_train_samples", "max_eval_samples"):
+        v = getattr(data_args, name)
+        if v is not None and v < 1:
+            raise ArgumentError(f"--{name} must be positive (got {v}).")
+    if model_args.lora_r < 1 or model_args.lora_alpha < 1:
+        raise ArgumentError("--lora_r and --lora_alpha must be positive integers.")
+
+
+def _split_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
+    for i, a in enumerate(argv):
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise ArgumentError("--config needs a YAML file path.")
+            return argv[i + 1], argv[:i] + argv[i + 2 :]
+        if a.startswith("--config="):
+            return a.split("=", 1)[1], argv[:i] + argv[i + 1 :]
+    return None, argv
+
+
+def parse_args(argv: Optional[list[str]] = None, dataclass_types=ARG_DATACLASSES):
+    """Parse argv (default sys.argv[1:]) into the argument dataclasses.
+
+    A YAML recipe given with `--config` supplies defaults; explicit flags win.
+    Unknown flags and unknown recipe keys are errors that name them.
+    """
+    import yaml
+    from transformers import HfArgumentParser
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    config_path, argv = _split_config_flag(argv)
+    parser = HfArgumentParser(dataclass_types)
+    if config_path:
+        try:
+            with open(config_path) as fh:
+                recipe = yaml.safe_load(fh) or {}
+        except OSError as e:
+            raise ArgumentError(f"--config {config_path}: cannot read the recipe ({e.strerror}).") from e
+        except yaml.YAMLError as e:
+            raise ArgumentError(f"--config {config_path}: not valid YAML ({e}).") from e
+        if not isinstance(recipe, dict):
+            raise ArgumentError(f"--config {config_path}: expected a mapping of argument names to values.")
+        known = {f.name for dc in dataclass_types for f in fields(dc)}
+        unknown = sorted(set(recipe) - known)
+        if unknown:
+            raise ArgumentError(f"--config {config_path}: unknown keys {unknown}. Known keys are the dpo.py flags.")
+        parser.set_defaults(**recipe)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ArgumentError(f"unknown arguments {remaining}; run `python -m dpo_dist.dpo --help` for the list.")
+    return tuple(parsed)

@@ -1,0 +1,128 @@
+"""Load the tokenizer, the policy and (when needed) a separate reference model.
+
+`from_pretrained` does the loading, on a hub id or a local folder; this module picks the
+per-family defaults (attention implementation, LoRA targets) and turns load failures into
+errors that say what to fix.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+from dpo_dist.args import UserError
+
+# All attention and MLP projections: the usual LoRA recipe for both families.
+LORA_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+class ModelLoadError(UserError):
+    """A model or tokenizer that cannot be loaded: names the argument and the fix."""
+
+
+def family_of(model_type: str) -> str:
+    if model_type.startswith("gemma3"):
+        return "gemma3"
+    if model_type == "llama":
+        return "llama"
+    return model_type
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+
+
+def _check_source(name: str, flag: str) -> str:
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        if not (Path(expanded) / "config.json").exists() and flag == "--model_name_or_path":
+            raise ModelLoadError(f"{flag} {name}: the folder has no config.json, so it is not a Hugging Face model folder.")
+        return expanded
+    if os.path.exists(expanded) or _looks_like_path(name):
+        raise ModelLoadError(f"{flag} {name}: no such model folder. Check the path (it must be a folder with config.json).")
+    return name
+
+
+def _wrap_hub_error(e: Exception, name: str, flag: str) -> ModelLoadError:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return ModelLoadError(
+        f"{flag} {name}: could not load it ({type(e).__name__}: {first}). If it is a hub id, the hub may be "
+        "unreachable from here: download it where there is network (`huggingface-cli download ID --local-dir DIR`) "
+        "and pass the folder, or set HF_HUB_OFFLINE=1 to use the local cache. Gated models also need a token "
+        "(`huggingface-cli login` on every node)."
+    )
+
+
+def load_config(name: str, trust_remote_code: bool = False):
+    from transformers import AutoConfig
+
+    src = _check_source(name, "--model_name_or_path")
+    try:
+        return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise _wrap_hub_error(e, name, "--model_name_or_path") from e
+
+
+def load_tokenizer(model_args):
+    from transformers import AutoTokenizer
+
+    name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
+    src = _check_source(name, flag)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_args.trust_remote_code)
+    except Exception as e:
+        raise _wrap_hub_error(e, name, flag) from e
+    if tok.pad_token is None:  # Llama tokenizers ship without one; DPO pads chosen/rejected pairs.
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def default_attn_implementation(family: str, device: str) -> str:
+    # Gemma 3's docs advise eager attention for training (soft-capping / sliding window).
+    if family == "gemma3":
+        return "eager"
+    return "sdpa"
+
+
+def load_model(model_args, *, device: str, bf16: bool, extra_kwargs: Optional[dict] = None):
+    """The causal LM at model_args.model_name_or_path. Under ZeRO-3 the caller has already built the
+    training arguments, so `from_pretrained` partitions the weights as they load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    config = load_config(model_args.model_name_or_path, model_args.trust_remote_code)
+    family = family_of(config.model_type)
+    kwargs = {
+        "torch_dtype": torch.bfloat16 if bf16 else torch.float32,
+        "attn_implementation": model_args.attn_implementation or default_attn_implementation(family, device),
+        "trust_remote_code": model_args.trust_remote_code,
+    }
+    kwargs.update(extra_kwargs or {})
+    src = _check_source(model_args.model_name_or_path, "--model_name_or_path")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
+    except Exception as e:
+        raise _wrap_hub_error(e, model_args.model_name_or_path, "--model_name_or_path") from e
+    return model, family
+
+
+def lora_config(model_args, family: str):
+    from peft import LoraConfig
+
+    if model_args.lora_target_modules:
+        targets = [t.strip() for t in model_args.lora_target_modules.split(",") if t.strip()]
+    else:
+        targets = LORA_TARGETS.get(family, "all-linear")
+    return LoraConfig(
+        r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
