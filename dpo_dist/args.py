@@ -20,9 +20,9 @@ LOSS_TYPES_TRL_022 = (
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
     "aot", "aot_pair", "apo_zero", "apo_down", "discopop", "sft",
 )
-LOSS_TYPES_TRL_096 = (
+LOSS_TYPES_TRL_096 = (  # trl 0.9.6 removed kto_pair (its DPOConfig raises for it)
     "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_pair", "kto_pair",
+    "aot", "aot_pair",
 )
 LOSS_TYPES = tuple(dict.fromkeys(LOSS_TYPES_TRL_022 + LOSS_TYPES_TRL_096))
 

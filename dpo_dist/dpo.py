@@ -134,7 +134,9 @@ class RunRecorder:
         trainer = self.trainer
         batch = next(iter(trainer.get_eval_dataloader()))
         batch = trainer._prepare_inputs(batch)
-        chosen, rejected = trainer.compute_ref_log_probs(batch)
+        # trl 0.22 names it compute_ref_log_probs; trl 0.9.6 (Gaudi) compute_reference_log_probs.
+        compute = getattr(trainer, "compute_ref_log_probs", None) or trainer.compute_reference_log_probs
+        chosen, rejected = compute(batch)
         return {"chosen": chosen.float().cpu().tolist(), "rejected": rejected.float().cpu().tolist()}
 
     def shards(self) -> dict:
