@@ -39,6 +39,13 @@ def check_output_dir(train_args) -> None:
             "into it (existing files are kept unless replaced), --resume_from_checkpoint latest to continue, or choose "
             "a new folder."
         )
+    merged = Path(str(out).rstrip("/") + "_merged")
+    if not train_args.no_merge and merged.is_dir() and any(merged.iterdir()) and not train_args.overwrite_output_dir:
+        raise ArgumentError(
+            f"{merged} (where the merged model goes) exists and is not empty. Nothing was changed. Pass "
+            "--overwrite_output_dir to replace it after a successful merge, --no_merge to skip the merge, or choose "
+            "a new --output_dir."
+        )
     parent = out
     while not parent.exists():
         parent = parent.parent
@@ -271,6 +278,29 @@ def shutdown_distributed() -> None:
         pass
 
 
+def post_step(model_args, train_args) -> int:
+    """Merge into `<output_dir>_merged` on global rank 0, after the process group is gone.
+
+    Why here and not in the launcher: it then runs the same under every launcher (deepspeed,
+    torchrun, gaudi_spawn, plain python), on the node that holds rank 0's output; and why after
+    the process group is torn down: a long merge (70B) cannot trip a collective timeout on the
+    ranks that already finished.
+    """
+    if train_args.no_merge or int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    from dpo_dist.merge import MergeError, merge_model
+
+    out = str(train_args.output_dir).rstrip("/")
+    try:
+        report = merge_model(out, out + "_merged", base_model=model_args.model_name_or_path,
+                             overwrite=train_args.overwrite_output_dir)
+    except (MergeError, UserError) as e:
+        print(f"dpo_dist: merge failed: {e}", file=sys.stderr)
+        return 1
+    logger.info("merged model written to %s_merged (%s)", out, report.get("kind", "model"))
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     setup_logging()
     try:
@@ -288,7 +318,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         shutdown_distributed()
         return 2 if isinstance(e, ArgumentError) else 1
     shutdown_distributed()
-    return 0
+    return post_step(model_args, train_args)
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ def _train(tiny_assets, zero3_config, out_dir, family, mode, extra=()):
         "--beta", 0.1,
         "--diagnostics",
         "--seed", 7,
+        "--no_merge",  # the merge post-step has its own tests (test_merge.py)
         *extra,
     ]
     if mode == "lora":

@@ -1,0 +1,154 @@
+"""SFT step of the pipeline: supervised fine-tuning on the chosen responses, before DPO.
+
+Same arguments, launcher and ZeRO configs as `dpo_dist.dpo`; TRL's `SFTTrainer` does the work
+(optimum-habana's `GaudiSFTTrainer` on HPU). The result is merged into `<output_dir>_merged`
+like a DPO run, and that folder is DPO's starting point (`sft_dpo_init_merged`).
+
+    deepspeed --num_accelerators 2 --module dpo_dist.sft --model_name_or_path M \
+        --dataset_name D --deepspeed ds_configs/zero3.json --output_dir runs/x/sft_dpo_init
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dpo_dist.args import ARG_DATACLASSES, ArgumentError, UserError, parse_args, validate
+from dpo_dist.logging_utils import setup_logging
+
+logger = logging.getLogger("dpo_dist.sft")
+
+
+@dataclass
+class SFTArguments:
+    """Flags the seed's sft.py users pass, beside the shared ones."""
+
+    split: Optional[str] = field(default=None, metadata={"help": "Training split (alias of --dataset_train_split)."})
+    max_seq_length: Optional[int] = field(default=None, metadata={"help": "Max tokens per example (default --max_length)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Passed to the trainer (kept for the seed's users)."})
+
+
+def sft_rows(ds, eos: str):
+    """prompt/chosen/rejected → prompt/completion (loss on the response only) and text (HPU, trl 0.9.6)."""
+    return ds.map(
+        lambda r: {"prompt": r["prompt"], "completion": r["chosen"] + eos, "text": r["prompt"] + r["chosen"] + eos},
+        remove_columns=["chosen", "rejected"],
+        desc="sft rows",
+    )
+
+
+DPO_ONLY = {
+    "beta", "loss_type", "label_smoothing", "max_length", "max_prompt_length", "max_completion_length",
+    "max_target_length", "truncation_mode", "precompute_ref_log_probs", "force_use_ref_model",
+    "generate_during_eval", "disable_dropout", "remove_unused_columns",
+}
+
+
+def dpo_config_kwargs_common(train_args) -> dict:
+    """The TrainingArguments part of the DPO mapping: one mapping of our flags, shared by SFT and DPO."""
+    from dpo_dist.args import ModelArguments
+    from dpo_dist.trainers import dpo_config_kwargs
+
+    kw = dpo_config_kwargs(ModelArguments(), None, train_args, reference="adapter")
+    return {k: v for k, v in kw.items() if k not in DPO_ONLY}
+
+
+def run(model_args, data_args, train_args, sft_args):
+    from transformers import set_seed
+
+    from dpo_dist.backend import apply_env, get_backend
+    from dpo_dist.data import load_preference_splits, with_bos
+    from dpo_dist.modeling import load_model, load_tokenizer, lora_config
+
+    backend = get_backend(train_args.device)
+    apply_env(backend)
+    if sft_args.split:
+        data_args.dataset_train_split = sft_args.split
+    max_len = sft_args.max_seq_length or train_args.max_length
+    if backend.trainer_api == "gaudi":
+        from optimum.habana import GaudiConfig  # noqa: PLC0415 (HPU only)
+        from optimum.habana.trl import GaudiSFTConfig, GaudiSFTTrainer  # noqa: PLC0415
+
+        from dpo_dist import trainers_gaudi
+
+        kw = trainers_gaudi.gaudi_training_args_kwargs(model_args, data_args, train_args)
+        kw = {k: v for k, v in kw.items() if k not in DPO_ONLY}
+        args = GaudiSFTConfig(**kw, max_seq_length=max_len, packing=False, dataset_text_field="text",
+                              remove_unused_columns=sft_args.remove_unused_columns)
+        gaudi_config = GaudiConfig(**trainers_gaudi.gaudi_config_kwargs(train_args))
+        load_kwargs = trainers_gaudi.model_load_kwargs_gaudi(train_args)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        kw = dpo_config_kwargs_common(train_args)
+        args = SFTConfig(**kw, max_length=max_len, completion_only_loss=True, packing=False,
+                         remove_unused_columns=sft_args.remove_unused_columns, dataset_text_field="text")
+        load_kwargs = {}
+
+    tokenizer = load_tokenizer(model_args)
+    with args.main_process_first(desc="dataset"):
+        train, held_out = load_preference_splits(data_args, train_args.seed)
+        train = sft_rows(with_bos(train, tokenizer), tokenizer.eos_token)
+        held_out = sft_rows(with_bos(held_out, tokenizer), tokenizer.eos_token)
+    set_seed(train_args.seed)
+    model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=load_kwargs)
+    peft_config = lora_config(model_args, family) if model_args.use_peft else None
+    set_seed(train_args.seed)
+    if backend.trainer_api == "gaudi":
+        trainer = GaudiSFTTrainer(model=model, args=args, gaudi_config=gaudi_config, train_dataset=train.remove_columns(["prompt", "completion"]),
+                                  eval_dataset=held_out.remove_columns(["prompt", "completion"]), tokenizer=tokenizer,
+                                  peft_config=peft_config, max_seq_length=max_len, dataset_text_field="text")
+    else:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train.remove_columns(["text"]),
+                             eval_dataset=held_out.remove_columns(["text"]), processing_class=tokenizer,
+                             peft_config=peft_config)
+    trainer.train(resume_from_checkpoint=_checkpoint(train_args))
+    metrics = trainer.evaluate()
+    trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        from dpo_dist.dpo import write_json_atomic
+
+        write_json_atomic(Path(train_args.output_dir) / "training_metrics.json", {
+            "stage": "sft", "backend": backend.device, "world_size": args.world_size, "steps": trainer.state.global_step,
+            "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+            "train_losses": losses, "eval_loss": metrics.get("eval_loss"), "model": model_args.model_name_or_path,
+            "use_peft": model_args.use_peft,
+        })
+        logger.info("sft done: %d steps, loss %s -> %s, eval loss %.4f", trainer.state.global_step,
+                    losses[0] if losses else None, losses[-1] if losses else None, metrics.get("eval_loss", float("nan")))
+    trainer.accelerator.wait_for_everyone()
+
+
+def _checkpoint(train_args):
+    from dpo_dist.dpo import resolve_checkpoint
+
+    return resolve_checkpoint(train_args)
+
+
+def main(argv=None) -> int:
+    from dpo_dist.dpo import check_output_dir, post_step, shutdown_distributed
+
+    setup_logging()
+    try:
+        model_args, data_args, train_args, sft_args = parse_args(argv, ARG_DATACLASSES + (SFTArguments,))
+        validate(model_args, data_args, train_args)
+        check_output_dir(train_args)
+    except ArgumentError as e:
+        print(f"dpo_dist.sft: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        run(model_args, data_args, train_args, sft_args)
+    except UserError as e:
+        print(f"dpo_dist.sft: error: {e}", file=sys.stderr)
+        shutdown_distributed()
+        return 1
+    shutdown_distributed()
+    return post_step(model_args, train_args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""`python -m launch` / `dpo-launch`: plan, train, doctor.
+
+    python -m launch plan  --model meta-llama/Llama-3-70B --hardware gaudi2 --cards 8
+    python -m launch train --model M --hardware gaudi2 --cards 8 [--hostfile F] [--dry-run] [-- dpo.py args]
+    python -m launch doctor [--hardware gaudi2] [--hostfile F]
+
+Data flows one way: model config + hardware + options → Plan → DeepSpeed config + command →
+spawn. Everything before `spawn` is pure and importable without torch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+EXIT_USAGE = 2
+EXIT_NO_FIT = 3
+
+
+class LaunchError(ValueError):
+    """Bad launcher input; the message names the argument and the fix."""
+
+
+@dataclass
+class PlanArguments:
+    model: Optional[str] = field(default=None, metadata={"help": "Hub id or local folder (required: no default models)."})
+    hardware: str = field(default="gaudi2", metadata={"help": "gaudi2, gaudi3, cuda or cpu.", "choices": ["gaudi2", "gaudi3", "cuda", "cpu"]})
+    card_memory_gib: Optional[float] = field(default=None, metadata={"help": "Override the usable memory per card."})
+    cards: int = field(default=8, metadata={"help": "Cards per node."})
+    nodes: int = field(default=1, metadata={"help": "Nodes (or give --hostfile)."})
+    hostfile: Optional[str] = field(default=None, metadata={"help": "DeepSpeed hostfile: one 'host slots=N' per node."})
+    max_length: int = field(default=1024, metadata={"help": "Max tokens of prompt + response."})
+    max_prompt_length: int = field(default=512, metadata={"help": "Max prompt tokens."})
+    use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (default)."})
+    full: bool = field(default=False, metadata={"help": "Full fine-tuning instead of LoRA."})
+    zero_stage: Optional[int] = field(default=None, metadata={"help": "Force a ZeRO stage (0-3) instead of the planner's choice."})
+    reference: str = field(default="auto", metadata={"help": "auto, adapter, sharded, replicated or precomputed.",
+                                                      "choices": ["auto", "adapter", "sharded", "replicated", "precomputed"]})
+    json: bool = field(default=False, metadata={"help": "Print the plan as one JSON object."})
+
+
+@dataclass
+class TrainArguments(PlanArguments):
+    run_dir: Optional[str] = field(default=None, metadata={"help": "Where plan.json, ds_config.json, command.sh and the output go."})
+    dry_run: bool = field(default=False, metadata={"help": "Write the run dir and print the command; do not launch."})
+    master_port: int = field(default=29500, metadata={"help": "Rendezvous port on the first node."})
+    task: str = field(default="dpo", metadata={"help": "dpo or sft (the rank module to run).", "choices": ["dpo", "sft"]})
+    launcher: str = field(default="auto", metadata={"help": "auto, deepspeed, torchrun or gaudi_spawn."})
+    env: Optional[str] = field(default=None, metadata={"help": "Comma-separated extra env var names for every node (.deepspeed_env)."})
+
+
+@dataclass
+class DoctorArguments:
+    hardware: Optional[str] = field(default=None, metadata={"help": "Expected hardware (gaudi2, gaudi3, cuda, cpu)."})
+    hostfile: Optional[str] = field(default=None, metadata={"help": "Check this hostfile's hosts are reachable."})
+    cards: Optional[int] = field(default=None, metadata={"help": "Cards per node you intend to use."})
+
+
+def _parse(dc, argv):
+    from transformers import HfArgumentParser
+
+    parser = HfArgumentParser(dc)
+    (args, remaining) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise LaunchError(f"unknown arguments {remaining}. Arguments for dpo_dist.dpo go after a lone `--`.")
+    return args
+
+
+def build_plan(a: PlanArguments):
+    """Pure: arguments → (spec, hosts, plan)."""
+    from launch.hostfile import parse_hostfile
+    from launch.plan import HARDWARE, PlanOptions, make_plan
+    from launch.specs import load_spec
+
+    if not a.model:
+        raise LaunchError("--model is required: there are no default models (e.g. --model google/gemma-3-270m).")
+    if a.full and not a.use_peft:
+        pass
+    use_peft = a.use_peft and not a.full
+    if a.cards < 1:
+        raise LaunchError(f"--cards must be a positive integer (got {a.cards}).")
+    hosts = None
+    nodes = a.nodes
+    if a.hostfile:
+        hosts = parse_hostfile(a.hostfile, expected_slots=a.cards)
+        nodes = len(hosts)
+    spec = load_spec(a.model)
+    hw = HARDWARE[a.hardware]
+    options = PlanOptions(
+        cards=a.cards, nodes=nodes, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
+        use_peft=use_peft, card_memory_gib=a.card_memory_gib, reference=a.reference, zero_stage=a.zero_stage,
+    )
+    return spec, hosts, make_plan(spec, hw, options)
+
+
+def cmd_plan(argv) -> int:
+    from launch.plan import plan_to_dict
+    from launch.report import render_plan_table
+
+    a = _parse(PlanArguments, argv)
+    _, _, plan = build_plan(a)
+    if a.json:
+        print(json.dumps(plan_to_dict(plan), indent=2))
+    else:
+        print(render_plan_table(plan))
+    return 0 if plan.fits else EXIT_NO_FIT
+
+
+def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path, extra: list[str]) -> list[str]:
+    """Pure: the dpo_dist.dpo arguments that carry out the plan. Flags in `extra` win."""
+    given = {x.split("=", 1)[0] for x in extra if x.startswith("--")}
+    args: list[str] = []
+
+    def put(flag, *vals):
+        if flag not in given:
+            args.extend([flag, *map(str, vals)])
+
+    put("--model_name_or_path", a.model)
+    put("--output_dir", output_dir)
+    put("--deepspeed", ds_config_path)
+    put("--per_device_train_batch_size", plan.micro_batch_size)
+    put("--gradient_accumulation_steps", plan.gradient_accumulation_steps)
+    put("--max_length", plan.max_length)
+    put("--max_prompt_length", plan.max_prompt_length)
+    put("--reference", plan.reference)
+    put("--device", "hpu" if a.hardware.startswith("gaudi") else a.hardware)
+    if plan.use_peft and "--use_peft" not in given:
+        args.append("--use_peft")
+    if plan.gradient_checkpointing and "--gradient_checkpointing" not in given:
+        args.append("--gradient_checkpointing")
+    if a.hardware != "cpu" and "--bf16" not in given:
+        args.append("--bf16")
+    return args + list(extra)
+
+
+def prepare_run(a: TrainArguments, extra: list[str], environ=None):
+    """Plan and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env). Returns (plan, cmd, run_dir)."""
+    from launch.command import build_launch_command, render_command_sh, render_deepspeed_env
+    from launch.dsconfig import build_ds_config, write_ds_config
+    from launch.plan import plan_to_dict
+    from launch.report import render_plan_table
+
+    spec, hosts, plan = build_plan(a)
+    print(render_plan_table(plan))
+    if not plan.fits:
+        raise NoFit(plan)
+    run_dir = Path(a.run_dir or f"runs/{Path(a.model.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds_path = run_dir / "ds_config.json"
+    write_ds_config(build_ds_config(plan, spec), ds_path)
+    hostfile_path = str(Path(a.hostfile).resolve()) if hosts else None
+    # DeepSpeed reads only ./.deepspeed_env, ~/.deepspeed_env or $DS_ENV_FILE: the command sets DS_ENV_FILE.
+    ds_env_path = str((run_dir / ".deepspeed_env").resolve())
+    script_args = dpo_args_for(plan, a, ds_path, run_dir / "output", extra)
+    cmd = build_launch_command(
+        a.hardware, a.cards, hosts, script_args, master_port=a.master_port, launcher=a.launcher,
+        module=f"dpo_dist.{a.task}",
+        hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path, extra_env_names=tuple(n for n in (a.env or "").split(",") if n),
+        environ=environ,
+    )
+    _write_atomic(run_dir / "plan.json", json.dumps(plan_to_dict(plan), indent=2) + "\n")
+    _write_atomic(run_dir / "command.sh", render_command_sh(cmd), mode=0o755)
+    if cmd.deepspeed_env:
+        _write_atomic(run_dir / ".deepspeed_env", render_deepspeed_env(cmd.deepspeed_env))
+    return plan, cmd, run_dir
+
+
+class NoFit(Exception):
+    def __init__(self, plan):
+        self.plan = plan
+
+
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.chmod(tmp, mode)
+    os.replace(tmp, path)
+
+
+def cmd_train(argv) -> int:
+    from launch.command import format_command
+    from launch.spawn import spawn
+
+    if "--" in argv:
+        i = argv.index("--")
+        argv, extra = argv[:i], argv[i + 1:]
+    else:
+        extra = []
+    a = _parse(TrainArguments, argv)
+    plan, cmd, run_dir = prepare_run(a, extra)
+    print(f"run dir: {run_dir}")
+    print(format_command(cmd))
+    if a.dry_run:
+        print("dry run: not launched.")
+        return 0
+    env = dict(os.environ)
+    env.update(cmd.env)
+    # The launcher binaries (deepspeed, torchrun) of this Python's environment come first.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    result = spawn(cmd.commands, env, log_path=run_dir / "launch.log")
+    if result.returncode != 0:
+        print(f"launch: training failed: {result.failed or 'exit ' + str(result.returncode)}. Log: {run_dir / 'launch.log'}",
+              file=sys.stderr)
+        return result.returncode
+    print(f"launch: done. Model and metrics in {run_dir / 'output'}")
+    return 0
+
+
+def cmd_doctor(argv) -> int:
+    from launch.doctor import run_doctor
+
+    a = _parse(DoctorArguments, argv)
+    return run_doctor(hardware=a.hardware, hostfile=a.hostfile, cards=a.cards)
+
+
+COMMANDS = {"plan": cmd_plan, "train": cmd_train, "doctor": cmd_doctor}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print(__doc__.strip())
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nlaunch: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
+            return EXIT_USAGE
+        return 0 if argv else EXIT_USAGE
+    from launch.command import CommandError
+    from launch.hostfile import HostfileError
+    from launch.specs import SpecError
+
+    try:
+        return COMMANDS[argv[0]](argv[1:])
+    except NoFit as e:
+        s = getattr(e.plan, "suggestion", None)
+        hint = s if isinstance(s, str) else (s or {}).get("message", "") if isinstance(s, dict) else ""
+        print(f"launch: error: the plan does not fit in {e.plan.card_memory_gib:.1f} GiB per card. {hint}".rstrip(),
+              file=sys.stderr)
+        return EXIT_NO_FIT
+    except (LaunchError, SpecError, HostfileError, CommandError) as e:
+        print(f"launch: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
