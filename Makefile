@@ -17,12 +17,23 @@ export DS_BUILD_OPS := 0
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
-.PHONY: help setup test demo clean
+IMAGE ?= dpo-dist:gaudi
+NODE_CARDS ?= 8
+DRY := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,)
+LAUNCH := $(PY) -m launch
+
+.PHONY: help setup test demo clean plan train-1x train-8x train-multinode sanity bench build run require-model
 
 help:
-	@echo "make demo                     full pipeline on the built-in tiny model (2 CPU ranks, ZeRO-3)"
-	@echo "make test                     the test suite"
-	@echo "make setup                    create $(VENV) with the pinned CPU/CUDA stack"
+	@echo "make demo                                  full pipeline on the built-in tiny model (2 CPU ranks, ZeRO-3)"
+	@echo "make test                                  the test suite"
+	@echo "make sanity MODEL=m [OUT_DIR=d]            1 card: SFT, DPO, merge, compare, generation test"
+	@echo "make plan MODEL=m [HARDWARE=gaudi2 CARDS=8]   print the plan (memory per card, ZeRO stage, ...)"
+	@echo "make train-1x|train-8x MODEL=m [DRY_RUN=1]    one node, 1 or 8 cards"
+	@echo "make train-multinode HOSTFILE=f MODEL=m       several nodes from a DeepSpeed hostfile"
+	@echo "make build | make run HF_TOKEN=...         the Gaudi Docker image"
+	@echo "make bench                                 side-by-side benchmark against plain TRL"
+	@echo "Extra dpo_dist.dpo flags: ARGS='--learning_rate 1e-6 ...'"
 
 setup: $(STAMP)
 
@@ -41,6 +52,37 @@ test: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) -m dpo_dist.demo --out_dir $(DEMO_DIR)
+
+require-model:
+	@if [ -z "$(MODEL)" ]; then echo "error: MODEL is required (there are no default models), e.g. make $(MAKECMDGOALS) MODEL=google/gemma-3-270m" >&2; exit 2; fi
+
+plan: require-model $(STAMP)
+	$(LAUNCH) plan --model "$(MODEL)" --hardware $(HARDWARE) --cards $(CARDS) $(if $(HOSTFILE),--hostfile "$(HOSTFILE)",)
+
+train-1x: require-model $(STAMP)
+	$(LAUNCH) train --model "$(MODEL)" --hardware $(HARDWARE) --cards 1 $(if $(RUN_DIR),--run_dir "$(RUN_DIR)",) $(DRY) -- $(ARGS)
+
+train-8x: require-model $(STAMP)
+	$(LAUNCH) train --model "$(MODEL)" --hardware $(HARDWARE) --cards 8 $(if $(RUN_DIR),--run_dir "$(RUN_DIR)",) $(DRY) -- $(ARGS)
+
+train-multinode: require-model $(STAMP)
+	@if [ -z "$(HOSTFILE)" ]; then echo "error: HOSTFILE is required, e.g. HOSTFILE=hostfiles/gaudi_2x8.txt" >&2; exit 2; fi
+	$(LAUNCH) train --model "$(MODEL)" --hardware $(HARDWARE) --cards $(NODE_CARDS) --hostfile "$(HOSTFILE)" $(if $(RUN_DIR),--run_dir "$(RUN_DIR)",) $(DRY) -- $(ARGS)
+
+sanity: require-model $(STAMP)
+	$(PY) -m dpo_dist.pipeline --model "$(MODEL)" --hardware $(HARDWARE) --cards 1 $(if $(OUT_DIR),--out_dir "$(OUT_DIR)",) $(if $(DATASET),--dataset_name "$(DATASET)",)
+
+bench: $(STAMP)
+	$(PY) -m bench.run
+
+build:
+	docker build -t $(IMAGE) .
+
+run: export HF_TOKEN := $(HF_TOKEN)
+run:
+	@# The token reaches docker by name through the environment: never echoed, on a command line or in the image.
+	@docker run -it --rm --runtime=habana -e HABANA_VISIBLE_DEVICES=all -e HF_TOKEN \
+		--cap-add=sys_nice --net=host --ipc=host -v "$(CURDIR)":/workspace/dpo-dist $(IMAGE) bash
 
 clean:
 	rm -rf runs/ .pytest_cache

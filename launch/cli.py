@@ -79,8 +79,6 @@ def build_plan(a: PlanArguments):
 
     if not a.model:
         raise LaunchError("--model is required: there are no default models (e.g. --model google/gemma-3-270m).")
-    if a.full and not a.use_peft:
-        pass
     use_peft = a.use_peft and not a.full
     if a.cards < 1:
         raise LaunchError(f"--cards must be a positive integer (got {a.cards}).")
@@ -92,7 +90,7 @@ def build_plan(a: PlanArguments):
     spec = load_spec(a.model)
     hw = HARDWARE[a.hardware]
     options = PlanOptions(
-        cards=a.cards, nodes=nodes, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
+        cards=a.cards * nodes, nodes=nodes, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
         use_peft=use_peft, card_memory_gib=a.card_memory_gib, reference=a.reference, zero_stage=a.zero_stage,
     )
     return spec, hosts, make_plan(spec, hw, options)
@@ -236,8 +234,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[argv[0]](argv[1:])
     except NoFit as e:
-        s = getattr(e.plan, "suggestion", None)
-        hint = s if isinstance(s, str) else (s or {}).get("message", "") if isinstance(s, dict) else ""
+        hint = e.plan.suggestion.text if e.plan.suggestion else ""
         print(f"launch: error: the plan does not fit in {e.plan.card_memory_gib:.1f} GiB per card. {hint}".rstrip(),
               file=sys.stderr)
         return EXIT_NO_FIT

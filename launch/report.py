@@ -1,0 +1,62 @@
+"""Readable plan table (rich), for ``python -m launch plan``."""
+
+from __future__ import annotations
+
+import io
+
+from launch.plan import Plan
+
+_MEMORY_ROWS = ("params", "grads", "optimizer", "reference", "activations", "logits", "buffers", "overhead")
+
+
+def render_plan_table(plan: Plan, width: int = 100) -> str:
+    """The plan as plain text: settings, per-card memory breakdown vs card memory, notes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    status = "FITS" if plan.fits else "DOES NOT FIT"
+    settings = Table(title=f"DPO plan: {status}", show_header=False, title_justify="left")
+    settings.add_column("setting", style="bold")
+    settings.add_column("value")
+    rows = [
+        ("model", plan.model),
+        ("hardware", plan.hardware),
+        ("cards", f"{plan.world_size} ({plan.nodes} node(s) x {plan.cards_per_node})"),
+        ("ZeRO stage", str(plan.zero_stage)),
+        ("offload", plan.offload),
+        ("fine-tune", "LoRA" if plan.use_peft else "full"),
+        ("reference", plan.reference),
+        ("micro-batch (pairs/card)", str(plan.micro_batch_size)),
+        ("gradient accumulation", str(plan.gradient_accumulation_steps)),
+        ("global batch (pairs)", str(plan.global_batch_size)),
+        ("gradient checkpointing", "on" if plan.gradient_checkpointing else "off"),
+        ("max_length / max_prompt_length", f"{plan.max_length} / {plan.max_prompt_length}"),
+        ("est. step time", f"{plan.est_step_time_s:.2f} s"),
+        ("est. throughput", f"{plan.est_tokens_per_s:,.0f} tokens/s"),
+    ]
+    for k, v in rows:
+        settings.add_row(k, v)
+
+    mem = plan.memory_gib
+    memory = Table(title="Memory per card (GiB)", title_justify="left")
+    memory.add_column("component")
+    memory.add_column("GiB", justify="right")
+    for name in _MEMORY_ROWS:
+        memory.add_row(name, f"{getattr(mem, name):.2f}")
+    memory.add_section()
+    memory.add_row("total", f"{mem.total:.2f}", style="bold")
+    memory.add_row("card memory", f"{plan.card_memory_gib:.2f}")
+    headroom = plan.card_memory_gib - mem.total
+    memory.add_row("headroom", f"{headroom:.2f} ({headroom / plan.card_memory_gib:.0%})",
+                   style="green" if plan.fits else "red")
+
+    console = Console(record=True, width=width, file=io.StringIO(), color_system=None)
+    console.print(settings)
+    console.print(memory)
+    if plan.notes:
+        console.print("Notes:")
+        for note in plan.notes:
+            console.print(f"  - {note}", markup=False)
+    if plan.suggestion is not None:
+        console.print(f"Suggestion: {plan.suggestion.text}", markup=False)
+    return console.export_text()
