@@ -51,7 +51,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m dpo_dist.demo --out_dir $(DEMO_DIR)
+	$(PY) -m dpo_dist.pipeline --demo --out_dir $(DEMO_DIR)
 
 require-model:
 	@if [ -z "$(MODEL)" ]; then echo "error: MODEL is required (there are no default models), e.g. make $(MAKECMDGOALS) MODEL=google/gemma-3-270m" >&2; exit 2; fi

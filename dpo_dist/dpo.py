@@ -282,23 +282,29 @@ def post_step(model_args, train_args) -> int:
     """Merge into `<output_dir>_merged` on global rank 0, after the process group is gone.
 
     Why here and not in the launcher: it then runs the same under every launcher (deepspeed,
-    torchrun, gaudi_spawn, plain python), on the node that holds rank 0's output; and why after
-    the process group is torn down: a long merge (70B) cannot trip a collective timeout on the
-    ranks that already finished.
+    torchrun, gaudi_spawn, plain python), on the node that holds rank 0's output. Why after the
+    process group is torn down: a long merge (70B) cannot trip a collective timeout on the ranks
+    that already finished. It runs as a fresh process so no DeepSpeed/ZeRO state of training
+    (zero.Init hooks, device memory) leaks into loading and verifying the merged model.
     """
     if train_args.no_merge or int(os.environ.get("RANK", "0")) != 0:
         return 0
-    from dpo_dist.merge import MergeError, merge_model
+    import subprocess
 
     out = str(train_args.output_dir).rstrip("/")
-    try:
-        report = merge_model(out, out + "_merged", base_model=model_args.model_name_or_path,
-                             overwrite=train_args.overwrite_output_dir)
-    except (MergeError, UserError) as e:
-        print(f"dpo_dist: merge failed: {e}", file=sys.stderr)
-        return 1
-    logger.info("merged model written to %s_merged (%s)", out, report.get("kind", "model"))
-    return 0
+    argv = [sys.executable, "-m", "dpo_dist.merge", "--checkpoint", out, "--output", out + "_merged",
+            "--base_model", model_args.model_name_or_path, "--dtype", "bf16" if train_args.bf16 else "fp32"]
+    if train_args.overwrite_output_dir:
+        argv.append("--overwrite")
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                        "CROSS_RANK", "CROSS_SIZE")}
+    logger.info("post-step: merging %s into %s_merged", out, out)
+    rc = subprocess.call(argv, env=env)
+    if rc != 0:
+        print(f"dpo_dist: merge failed (exit {rc}); the training output in {out} is intact. Re-run: "
+              f"python -m dpo_dist.merge --checkpoint {out} --output {out}_merged", file=sys.stderr)
+    return rc
 
 
 def main(argv: Optional[list[str]] = None) -> int:

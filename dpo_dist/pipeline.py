@@ -146,8 +146,8 @@ def summary(p: Pipeline, out: Path, seconds: float) -> None:
     m = json.loads((out / "training_metrics.json").read_text())
     cmp_ = json.loads((out / "dpo_comparison_results.json").read_text())
     metrics = cmp_.get("metrics", {})
-    base_acc = metrics.get("Base", {}).get("preference_accuracy")
-    dpo_acc = metrics.get("DPO", {}).get("preference_accuracy")
+    base, dpo = metrics.get("Base", {}), metrics.get("DPO", {})
+    rel = metrics.get("dpo_vs_base", {})
     report = next(iter(sorted(out.glob("dpo_comparison_report.*"))), None)
     lines = [
         "",
@@ -158,7 +158,11 @@ def summary(p: Pipeline, out: Path, seconds: float) -> None:
         f"  comparison:            {out / 'dpo_comparison_results.json'}",
         f"  report:                {report}",
         f"  log:                   {out / LOG_NAME}",
-        f"  held-out preference accuracy: base {_fmt(base_acc)} -> DPO {_fmt(dpo_acc)}",
+        f"  held-out preference accuracy (per-token log-prob): base {_fmt(base.get('preference_accuracy_length_normalized'))}"
+        f" -> DPO {_fmt(dpo.get('preference_accuracy_length_normalized'))}",
+        f"  held-out preference accuracy (sum log-prob):       base {_fmt(base.get('preference_accuracy'))}"
+        f" -> DPO {_fmt(dpo.get('preference_accuracy'))}",
+        f"  implicit reward accuracy DPO vs base: {_fmt(rel.get('reward_accuracy'))}, KL(DPO||base) {_fmt(rel.get('kl_estimate'))}",
         f"  DPO reward accuracy (held-out): {_fmt(m.get('eval_reward_accuracy'))}, margin {_fmt(m.get('eval_reward_margin'))}",
         f"  DPO throughput: {m['pairs_per_s']:.2f} pairs/s, {m['tokens_per_s']:.0f} tokens/s on {m['world_size']} ranks "
         f"(ZeRO-{m['zero_stage']}, reference {m['reference']})",
