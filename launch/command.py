@@ -335,11 +335,11 @@ def build_launch_command(
     notes: List[str] = []
     chosen = launcher
     if chosen == "auto":
-        chosen = "gaudi_spawn" if (kind == "hpu" and not multi and env_in.get("GAUDI_SPAWN")) else "deepspeed"
-        if kind == "hpu" and not multi and chosen == "deepspeed":
-            notes.append("GAUDI_SPAWN is not set, so this runs the DeepSpeed command gaudi_spawn.py would build for "
-                         "one node (deepspeed --num_nodes 1 --num_gpus N --no_local_rank --master_port P); set "
-                         "GAUDI_SPAWN=/path/to/optimum-habana/examples/gaudi_spawn.py to launch through it.")
+        chosen = "gaudi_spawn" if (kind == "hpu" and not multi) else "deepspeed"
+        if chosen == "gaudi_spawn" and not env_in.get("GAUDI_SPAWN"):
+            notes.append("GAUDI_SPAWN is not set, so this runs `python -m launch.gaudi_spawn`, the same launcher over "
+                         "optimum-habana's DistributedRunner (in the wheel); set GAUDI_SPAWN=/path/to/optimum-habana/"
+                         "examples/gaudi_spawn.py to use the upstream script.")
     if kind == "hpu" and chosen == "torchrun":
         raise CommandError("launcher torchrun is not supported on HPU; use gaudi_spawn or deepspeed (the default).")
     if chosen == "gaudi_spawn":
@@ -351,12 +351,6 @@ def build_launch_command(
                 "rejects comment lines, and on several nodes gaudi_spawn only builds `deepspeed --hostfile F "
                 "--master_addr <first host> --no_local_rank --master_port P`, which launcher=deepspeed (the default) "
                 "runs directly."
-            )
-        if not env_in.get("GAUDI_SPAWN"):
-            raise CommandError(
-                "launcher gaudi_spawn needs GAUDI_SPAWN=/path/to/optimum-habana/examples/gaudi_spawn.py (the script "
-                "is in optimum-habana's repository, not in its wheel). Fix: clone optimum-habana at the installed "
-                "version and export GAUDI_SPAWN, or use launcher=deepspeed."
             )
     if multi and chosen == "deepspeed" and not hostfile_path:
         raise CommandError("a multi-node DeepSpeed launch needs hostfile_path (DeepSpeed reads the hostfile itself).")
@@ -409,9 +403,10 @@ def build_launch_command(
     tail = ["--no_local_rank", "--module", module] + args
 
     if chosen == "gaudi_spawn":
-        spawn = check_no_control(env_in["GAUDI_SPAWN"], "GAUDI_SPAWN", CommandError)
+        spawn = ([check_no_control(env_in["GAUDI_SPAWN"], "GAUDI_SPAWN", CommandError)] if env_in.get("GAUDI_SPAWN")
+                 else ["-m", "launch.gaudi_spawn"])
         reshell(args, _VIA_GAUDI_SPAWN, RESHELL_SAFE_CHARS)
-        argv = [python, spawn, "--world_size", str(cards), "--use_deepspeed", "--master_port", str(port), script_path] + args
+        argv = [python, *spawn, "--world_size", str(cards), "--use_deepspeed", "--master_port", str(port), script_path] + args
         inner = (f"deepspeed --num_nodes 1 --num_gpus {cards} --no_local_rank --master_port {port}" if cards > 1
                  else f"deepspeed --num_gpus 1 --master_port {port}")
         notes.append(f"gaudi_spawn.py runs `{inner} {script_path} ...` with bash; the script arguments were checked "

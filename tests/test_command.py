@@ -89,12 +89,26 @@ def test_hpu_single_node_gaudi_spawn():
     assert "deepspeed --num_nodes 1 --num_gpus 8 --no_local_rank --master_port 29611" in cmd.description
 
 
-def test_hpu_single_node_fallback_is_what_gaudi_spawn_builds():
-    cmd = build_launch_command("gaudi3", 8, None, ARGS, environ={})
-    assert cmd.argv == ["deepspeed", "--num_nodes", "1", "--num_gpus", "8", "--master_port", "29500",
-                        "--no_local_rank", "--module", "dpo_dist.dpo"] + ARGS
+def test_hpu_single_node_without_gaudi_spawn_uses_the_same_launcher_from_the_wheel():
+    cmd = build_launch_command("gaudi3", 8, None, ARGS, environ={}, python="python")
+    assert cmd.argv == ["python", "-m", "launch.gaudi_spawn", "--world_size", "8", "--use_deepspeed", "--master_port",
+                        "29500", "dpo_dist/dpo.py"] + ARGS
     assert cmd.env == {"PT_HPU_LAZY_MODE": "1", "PT_ENABLE_INT64_SUPPORT": "1"}
     assert "GAUDI_SPAWN is not set" in cmd.description
+
+
+def test_launch_gaudi_spawn_parses_like_upstream_gaudi_spawn():
+    from launch.gaudi_spawn import parse_args
+
+    a = parse_args(["--world_size", "8", "--use_deepspeed", "--master_port", "29501", "dpo_dist/dpo.py", *ARGS])
+    assert (a.world_size, a.use_deepspeed, a.master_port, a.training_script) == (8, True, 29501, "dpo_dist/dpo.py")
+    assert a.training_script_args == ARGS
+
+
+def test_hpu_single_node_deepspeed_launcher_is_what_gaudi_spawn_builds():
+    cmd = build_launch_command("gaudi3", 8, None, ARGS, launcher="deepspeed", environ={})
+    assert cmd.argv == ["deepspeed", "--num_nodes", "1", "--num_gpus", "8", "--master_port", "29500",
+                        "--no_local_rank", "--module", "dpo_dist.dpo"] + ARGS
 
 
 def test_hpu_lazy_mode_forced_even_if_environment_says_0():
@@ -212,7 +226,7 @@ def _ds_parse(argv):
 def test_every_deepspeed_argv_parses_with_the_installed_runner():
     a = _ds_parse(build_launch_command("cpu", 2, None, ARGS, environ={}).argv)
     assert (a.num_gpus, a.module, a.no_local_rank, a.user_script, a.user_args) == (2, True, True, "dpo_dist.dpo", ARGS)
-    a = _ds_parse(build_launch_command("gaudi2", 8, None, ARGS, environ={}).argv)
+    a = _ds_parse(build_launch_command("gaudi2", 8, None, ARGS, launcher="deepspeed", environ={}).argv)
     assert (a.num_nodes, a.num_gpus, a.master_port, a.no_local_rank) == (1, 8, 29500, True)
     a = _ds_parse(build_launch_command("cuda", 2, None, ARGS, environ={"CUDA_VISIBLE_DEVICES": "4,5"}).argv)
     assert a.include == "localhost:4,5"
@@ -268,7 +282,8 @@ def test_fallback_and_multinode_match_distributed_runner(distributed_runner, tmp
     # one node: gaudi_spawn --world_size 8 --use_deepspeed --master_port P
     dr = distributed_runner(command_list=["x"], world_size=8, use_deepspeed=True, master_port=29611)
     theirs = _ds_parse(dr._interpreter.split() + ["dpo_dist/dpo.py"])
-    ours = _ds_parse(build_launch_command("gaudi2", 8, None, [], master_port=29611, environ={}).argv)
+    ours = _ds_parse(build_launch_command("gaudi2", 8, None, [], master_port=29611, launcher="deepspeed",
+                                          environ={}).argv)
     for f in ("num_nodes", "num_gpus", "no_local_rank", "master_port", "hostfile", "master_addr", "no_ssh", "force_multi"):
         assert getattr(ours, f) == getattr(theirs, f), f
     # several nodes: DistributedRunner reads the hostfile itself, and cannot read comments ...
@@ -301,7 +316,6 @@ def test_fallback_and_multinode_match_distributed_runner(distributed_runner, tmp
         (lambda: build_launch_command("cpu", 1, None, [], launcher="mpirun", environ={}), "unknown launcher"),
         (lambda: build_launch_command("cpu", 1, None, [], module="dpo_dist.dpo;id", environ={}), "module"),
         (lambda: build_launch_command("cpu", 1, None, "--use_peft", environ={}), "list of words"),
-        (lambda: build_launch_command("gaudi2", 8, None, [], launcher="gaudi_spawn", environ={}), "GAUDI_SPAWN="),
         (lambda: build_launch_command("cuda", 1, None, [], launcher="gaudi_spawn", environ={}), "Gaudi"),
         (lambda: build_launch_command("gaudi2", 8, None, [], launcher="torchrun", environ={}), "not supported on HPU"),
         (lambda: build_launch_command("gaudi2", 8, gaudi_hosts(), [], environ={}), "needs hostfile_path"),
@@ -418,7 +432,8 @@ def test_loopback_script_propagates_a_node_failure(tmp_path):
 
 def test_hpu_single_node_deepspeed_quotes_hostile_model_id(tmp_path):
     """Without gaudi_spawn nothing re-joins the words: hostile text is quoted and passes through."""
-    cmd = build_launch_command("gaudi2", 8, None, ["--model_name_or_path", "$(touch X)"], environ={})
+    cmd = build_launch_command("gaudi2", 8, None, ["--model_name_or_path", "$(touch X)"], launcher="deepspeed",
+                               environ={})
     out = tmp_path / "out.jsonl"
     assert _run_sh(render_command_sh(_stand_in(cmd, out)), tmp_path).returncode == 0
     rec = json.loads(out.read_text())
