@@ -52,13 +52,19 @@ class TrainArguments(PlanArguments):
     task: str = field(default="dpo", metadata={"help": "dpo or sft (the rank module to run).", "choices": ["dpo", "sft"]})
     launcher: str = field(default="auto", metadata={"help": "auto, deepspeed, torchrun or gaudi_spawn."})
     env: Optional[str] = field(default=None, metadata={"help": "Comma-separated extra env var names for every node (.deepspeed_env)."})
+    ssh: bool = field(default=False, metadata={"help": "CPU multi-node: start the nodes over ssh with DeepSpeed's pdsh runner "
+                                                       "(the Gaudi/CUDA default) instead of one local command per node (--no_ssh)."})
+    ssh_port: Optional[int] = field(default=None, metadata={"help": "sshd port on the nodes for the pdsh/ssh launch "
+                                                                    "(Habana containers use 3022)."})
 
 
 @dataclass
 class DoctorArguments:
-    hardware: Optional[str] = field(default=None, metadata={"help": "Expected hardware (gaudi2, gaudi3, cuda, cpu)."})
+    hardware: Optional[str] = field(default=None, metadata={"help": "Expected hardware (gaudi2, gaudi3, cuda, cpu); detected if omitted.",
+                                                            "choices": ["gaudi2", "gaudi3", "cuda", "cpu"]})
     hostfile: Optional[str] = field(default=None, metadata={"help": "Check this hostfile's hosts are reachable."})
     cards: Optional[int] = field(default=None, metadata={"help": "Cards per node you intend to use."})
+    ssh_port: int = field(default=22, metadata={"help": "ssh port probed on every hostfile host (Habana containers run sshd on 3022)."})
 
 
 def _parse(dc, argv):
@@ -69,6 +75,64 @@ def _parse(dc, argv):
     if remaining:
         raise LaunchError(f"unknown arguments {remaining}. Arguments for dpo_dist.dpo go after a lone `--`.")
     return args
+
+
+def _id_count(value: Optional[str]) -> Optional[int]:
+    """Devices named by a *_VISIBLE_DEVICES value; None when unknown ('all', unset)."""
+    if value is None or value.strip().lower() in ("", "all"):
+        return None
+    return len([x for x in value.split(",") if x.strip()])
+
+
+def _hl_smi_count() -> Optional[int]:
+    """Gaudi cards hl-smi lists on this node (None without hl-smi, or when it fails)."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("hl-smi"):
+        return None
+    try:
+        out = subprocess.run(["hl-smi", "-Q", "index", "-f", "csv,noheader"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [x for x in out.stdout.splitlines() if x.strip()]
+    return len(lines) if out.returncode == 0 and lines else None
+
+
+def available_cards(hardware: str, environ=None, cpu_count=None, hl_smi=_hl_smi_count) -> tuple:
+    """(count, where it comes from) of the cards this node has for `hardware`, or (None, why unknown).
+    Reads the environment and, for Gaudi without HABANA_VISIBLE_DEVICES, `hl-smi`; never imports torch."""
+    env = os.environ if environ is None else environ
+    if hardware == "cpu":
+        cores = cpu_count if cpu_count is not None else os.cpu_count()
+        return (cores, f"this machine has {cores} CPU cores") if cores else (None, "os.cpu_count() is unknown")
+    if hardware.startswith("gaudi"):
+        n = _id_count(env.get("HABANA_VISIBLE_DEVICES"))
+        if n is not None:
+            return n, f"HABANA_VISIBLE_DEVICES={env['HABANA_VISIBLE_DEVICES']} makes {n} visible"
+        n = hl_smi() if hl_smi else None
+        return (n, f"hl-smi lists {n}") if n else (None, "no HABANA_VISIBLE_DEVICES list and no hl-smi")
+    if hardware == "cuda":
+        n = _id_count(env.get("CUDA_VISIBLE_DEVICES"))
+        return (n, f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} makes {n} visible") if n is not None else (
+            None, "CUDA_VISIBLE_DEVICES is not set")
+    return None, "unknown hardware"
+
+
+def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None, hl_smi=_hl_smi_count) -> None:
+    """More cards per node than this node has: a LaunchError naming --cards and what the node has. Checked only
+    when the count is known and this node is one of the nodes (no hostfile, or every host is loopback), so a
+    plan for other machines still works on a laptop."""
+    if hosts and not all(h.host.lower() in ("localhost", "::1") or h.host.startswith("127.") for h in hosts):
+        return
+    have, source = available_cards(a.hardware, environ, cpu_count, hl_smi)
+    if have is None or a.cards <= have:
+        return
+    unit = "CPU ranks (one per core at most)" if a.hardware == "cpu" else f"{a.hardware} cards"
+    raise LaunchError(
+        f"--cards {a.cards} asks for more {unit} per node than this node has: {source}. Fix: pass --cards {have} "
+        "or fewer per node, and add nodes with --hostfile for more."
+    )
 
 
 def build_plan(a: PlanArguments):
@@ -144,6 +208,7 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     from launch.report import render_plan_table
 
     spec, hosts, plan = build_plan(a)
+    check_cards_available(a, hosts, environ)
     print(render_plan_table(plan))
     if not plan.fits:
         raise NoFit(plan)
@@ -159,7 +224,7 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
         a.hardware, a.cards, hosts, script_args, master_port=a.master_port, launcher=a.launcher,
         module=f"dpo_dist.{a.task}",
         hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path, extra_env_names=tuple(n for n in (a.env or "").split(",") if n),
-        environ=environ,
+        environ=environ, no_ssh=False if a.ssh else None, ssh_port=a.ssh_port,
     )
     _write_atomic(run_dir / "plan.json", json.dumps(plan_to_dict(plan), indent=2) + "\n")
     _write_atomic(run_dir / "command.sh", render_command_sh(cmd), mode=0o755)
@@ -213,7 +278,7 @@ def cmd_doctor(argv) -> int:
     from launch.doctor import run_doctor
 
     a = _parse(DoctorArguments, argv)
-    return run_doctor(hardware=a.hardware, hostfile=a.hostfile, cards=a.cards)
+    return run_doctor(hardware=a.hardware, hostfile=a.hostfile, cards=a.cards, ssh_port=a.ssh_port)
 
 
 COMMANDS = {"plan": cmd_plan, "train": cmd_train, "doctor": cmd_doctor}
