@@ -8,13 +8,20 @@ import re
 import sys
 
 SECRET_ENV_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HUGGINGFACE_TOKEN", "WANDB_API_KEY")
-_SECRET_NAME = re.compile(r"(TOKEN|SECRET|PASSWORD|API_KEY)", re.IGNORECASE)
+SECRET_NAME_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL")
+
+
+def is_secret_name(name: str) -> bool:
+    """HF_TOKEN, HUGGING_FACE_HUB_TOKEN, WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, DB_PASSWORD...: a name with a
+    word (split at _ or -) that is or ends with a marker, singular or plural. TOKENIZERS_PARALLELISM is not."""
+    words = re.split(r"[_\-]", name.upper())
+    return name.upper() in SECRET_ENV_NAMES or any(w.rstrip("S").endswith(SECRET_NAME_MARKERS) for w in words if w)
 
 
 def secret_values(environ=None) -> list[str]:
     """Values of secret-looking environment variables (HF_TOKEN and the like), longest first."""
     env = os.environ if environ is None else environ
-    vals = {v for k, v in env.items() if (k in SECRET_ENV_NAMES or _SECRET_NAME.search(k)) and len(v) >= 6}
+    vals = {v for k, v in env.items() if is_secret_name(k) and len(v) >= 6}
     return sorted(vals, key=len, reverse=True)
 
 

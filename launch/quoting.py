@@ -75,7 +75,7 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # An environment variable whose name contains one of these is treated as a secret: never
 # written to `.deepspeed_env`, `command.sh` or any other file the launcher produces.
-SECRET_NAME_MARKERS = ("TOKEN", "SECRET", "PASSWORD", "PASSWD", "KEY", "CREDENTIAL")
+from dpo_dist.logging_utils import SECRET_NAME_MARKERS, is_secret_name  # noqa: E402 (one definition, stdlib-only)
 
 
 def describe_char(ch: str) -> str:
@@ -163,12 +163,6 @@ def check_env_name(name: str, what: str = "environment variable name", exc: type
             "'_', not starting with a digit (e.g. HCCL_SOCKET_IFNAME)."
         )
     return name
-
-
-def is_secret_name(name: str) -> bool:
-    """True for HF_TOKEN, HUGGING_FACE_HUB_TOKEN and any name with TOKEN/SECRET/PASSWORD/KEY/..."""
-    upper = name.upper()
-    return any(marker in upper for marker in SECRET_NAME_MARKERS)
 
 
 def check_deepspeed_env_value(name: str, value: str, exc: type[Exception] = QuotingError) -> str:

@@ -582,3 +582,15 @@ def test_single_remote_host_forces_multi_node_mode():
     assert "--force_multi" in cmd.argv and _ds_parse(cmd.argv).force_multi is True
     local = build_launch_command("gaudi2", 8, [HostEntry("localhost", 8, 1)], [], hostfile_path="h", environ={}, workdir="/w")
     assert "--force_multi" not in local.argv
+
+
+def test_secret_names_are_whole_words_so_tokenizers_parallelism_is_not_one():
+    from dpo_dist.logging_utils import is_secret_name
+
+    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"):
+        assert is_secret_name(name), name
+    for name in ("TOKENIZERS_PARALLELISM", "PT_HPU_LAZY_MODE", "HCCL_SOCKET_IFNAME", "OMP_NUM_THREADS"):
+        assert not is_secret_name(name), name
+    cmd = build_launch_command("gaudi2", 8, gaudi_hosts(), ARGS, hostfile_path=str(GAUDI_2X8), workdir="/w",
+                               extra_env_names=["TOKENIZERS_PARALLELISM"], environ={"TOKENIZERS_PARALLELISM": "false"})
+    assert cmd.deepspeed_env["TOKENIZERS_PARALLELISM"] == "false"
