@@ -45,6 +45,9 @@ $(STAMP): requirements.txt pyproject.toml
 	@# optimum-habana's sources, for the HPU adapter's signature test (it cannot import without Habana).
 	$(PY) -m pip install -q --no-deps optimum-habana==1.21.2
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	@# Build DeepSpeed's CPU comm op once, now, in one process: ranks that JIT-build it concurrently and get
+	@# killed (timeouts, the dying-rank tests) can leave a stale build lock that blocks every later CPU run.
+	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $(STAMP)
 
 test: $(STAMP)
