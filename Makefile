@@ -14,6 +14,8 @@ DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
 export DS_BUILD_OPS := 0
+# The venv's tools (deepspeed, ninja) first, the same PATH the tests and the launcher use.
+export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 

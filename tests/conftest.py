@@ -31,6 +31,9 @@ def cpu_env(**extra) -> dict:
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
         PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
+        # This venv's launchers and its ninja first: a second ninja elsewhere on PATH reads the other's
+        # build log as stale and rebuilds DeepSpeed's CPU comm op on every rank start.
+        PATH=os.path.dirname(PY) + os.pathsep + env.get("PATH", ""),
     )
     env.update({k: str(v) for k, v in extra.items()})
     return env
