@@ -128,11 +128,30 @@ class TrainArguments:
     eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: only at the end)."})
     report_to: str = field(default="none", metadata={"help": "HF report_to (none, tensorboard, wandb, ...)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader workers per rank."})
-    dist_timeout: int = field(default=1800, metadata={"help": "Seconds a collective may wait before the run fails."})
+    dist_timeout: int = field(
+        default=1800,
+        metadata={"help": "Seconds a collective may wait (e.g. for a rank that hangs or died) before the run fails: "
+                  "the process group's timeout (ddp_timeout)."},
+    )
     no_merge: bool = field(default=False, metadata={"help": "Skip the post-step merge into <output_dir>_merged."})
     diagnostics: bool = field(
         default=False,
         metadata={"help": "Also write diagnostics.json (reference log-probs before/after, shard sizes) for verification."},
+    )
+    chunked_logps: bool = field(
+        default=True,
+        metadata={"help": "Compute log-probs from the last hidden states in chunks, never materialising the full "
+                  "[2b, s, V] logits (trl path; falls back to TRL's forward where unsupported). --no_chunked_logps: off."},
+    )
+    length_buckets: int = field(
+        default=0,
+        metadata={"help": "Pad rows to at most K bucket lengths chosen from the data to minimise padding (static "
+                  "shapes); 0 = off (TRL pads each batch to its longest row). 8 is a good value."},
+    )
+    ref_cache_dir: Optional[str] = field(
+        default=None,
+        metadata={"help": "Where --reference precomputed keeps reference log-probs (default "
+                  "$DPO_DIST_CACHE/refcache or .cache/dpo-dist/refcache)."},
     )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; leave it alone."})
     gaudi_config_name: Optional[str] = field(
@@ -181,6 +200,11 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         v = getattr(data_args, name)
         if v is not None and v < 1:
             raise ArgumentError(f"--{name} must be positive (got {v}).")
+    if train_args.dist_timeout < 1:
+        raise ArgumentError(
+            f"--dist_timeout must be a positive number of seconds (got {train_args.dist_timeout}); it bounds how long "
+            "a collective waits for a rank that is gone (default 1800)."
+        )
     if model_args.lora_r < 1 or model_args.lora_alpha < 1:
         raise ArgumentError("--lora_r and --lora_alpha must be positive integers.")
 

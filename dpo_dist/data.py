@@ -63,10 +63,42 @@ def split_hh_transcript(chosen: str, rejected: str, row: int) -> tuple[str, str,
     return p_chosen, r_chosen, r_rejected
 
 
+def _is_blank_file(path: Path) -> bool:
+    """True for a file with no bytes, or (text formats) only whitespace."""
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if path.suffix.lower() == ".parquet" or size > 1 << 16:
+        return False
+    return not path.read_bytes().strip()
+
+
+def _check_not_empty(name: str, path: Path) -> None:
+    """An empty local file (or a folder whose data files are all empty) gets a clear error, not the
+    `SchemaInferenceError` traceback that `datasets` raises for it."""
+    if path.is_file():
+        files = [path]
+    else:
+        files = [f for f in sorted(path.rglob("*")) if f.is_file() and f.suffix.lower() in LOCAL_BUILDERS
+                 and not any(part.startswith(".") for part in f.relative_to(path).parts)]
+    if files and all(_is_blank_file(f) for f in files):
+        which = "the file is" if path.is_file() else f"its data files ({', '.join(f.name for f in files)}) are"
+        raise DataError(
+            f"--dataset_name {name}: {which} empty, so there are no preference pairs. Fix: write one JSON object "
+            'per line with "prompt", "chosen" and "rejected" (or hh-rlhf "chosen"/"rejected" transcripts), or '
+            "point --dataset_name at another file or folder."
+        )
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def _load_raw(name: str, config: Optional[str]):
     import datasets
 
     path = Path(os.path.expanduser(name))
+    local = path.is_file() or path.is_dir()
     try:
         if path.is_file():
             builder = LOCAL_BUILDERS.get(path.suffix.lower())
@@ -74,8 +106,10 @@ def _load_raw(name: str, config: Optional[str]):
                 raise DataError(
                     f"--dataset_name {name}: unsupported file type {path.suffix!r}; use one of {sorted(LOCAL_BUILDERS)}."
                 )
+            _check_not_empty(name, path)
             return datasets.load_dataset(builder, data_files={"train": str(path)})
         if path.is_dir():
+            _check_not_empty(name, path)
             return datasets.load_dataset(str(path), config)
         if name.startswith(("/", "./", "../", "~")):
             raise DataError(f"--dataset_name {name}: no such file or folder. Check the path.")
@@ -83,22 +117,34 @@ def _load_raw(name: str, config: Optional[str]):
     except DataError:
         raise
     except Exception as e:  # datasets raises many types for "not found" / "offline"
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        msg = _first_line(e)
+        if local:
+            # datasets wraps the real problem (bad JSON, mixed columns, ...) in DatasetGenerationError.
+            cause = e.__cause__ or e.__context__
+            detail = f"{type(e).__name__}: {msg}" + (f"; caused by {type(cause).__name__}: {_first_line(cause)}" if cause else "")
+            raise DataError(
+                f"--dataset_name {name}: could not read this local dataset ({detail}). Fix: use .jsonl with one JSON "
+                "object per line holding prompt/chosen/rejected strings (or hh-rlhf chosen/rejected transcripts)."
+            ) from e
         raise DataError(
             f"--dataset_name {name}: could not load it ({type(e).__name__}: {msg}). If this is a hub dataset, the hub "
             "may be unreachable: download it on a machine with network and pass the local folder or .jsonl file."
         ) from e
 
 
-def normalise(ds, split_name: str):
-    """Map a split to exactly prompt/chosen/rejected string columns."""
+def normalise(ds, split_name: str, source: Optional[str] = None):
+    """Map a split to exactly prompt/chosen/rejected string columns. `source` (the --dataset_name) goes in errors."""
+    where = f"--dataset_name {source}: " if source else ""
     cols = set(ds.column_names)
     if len(ds) == 0:
-        raise DataError(f"split {split_name!r} is empty: there is nothing to train or evaluate on.")
+        raise DataError(
+            f"{where}split {split_name!r} is empty: there is nothing to train or evaluate on. Fix: add rows to it, "
+            "or (for the held-out split) remove it so that a held-out part is carved from train."
+        )
     if {"prompt", "chosen", "rejected"} <= cols:
         bad = next((i for i, r in enumerate(ds) if not all(isinstance(r[k], str) for k in ("prompt", "chosen", "rejected"))), None)
         if bad is not None:
-            raise DataError(f"split {split_name!r} row {bad}: prompt/chosen/rejected must be strings.")
+            raise DataError(f"{where}split {split_name!r} row {bad}: prompt/chosen/rejected must be strings.")
         return ds.select_columns(["prompt", "chosen", "rejected"])
     if {"chosen", "rejected"} <= cols:
 
@@ -109,8 +155,9 @@ def normalise(ds, split_name: str):
         out = ds.map(_split, with_indices=True, remove_columns=sorted(cols), desc=f"hh-rlhf split ({split_name})")
         return out.select_columns(["prompt", "chosen", "rejected"])
     raise DataError(
-        f"split {split_name!r} has columns {sorted(cols)}; expected either prompt/chosen/rejected or the "
-        "Anthropic/hh-rlhf pair chosen/rejected (full transcripts)."
+        f"{where}split {split_name!r} has columns {sorted(cols)}; expected either prompt/chosen/rejected or the "
+        "Anthropic/hh-rlhf pair chosen/rejected (full transcripts). Fix: rename or add the columns (e.g. map your "
+        "question/good/bad fields to prompt/chosen/rejected), or pick another --dataset_name."
     )
 
 
@@ -123,12 +170,14 @@ def load_preference_splits(data_args, seed: int):
             f"--dataset_train_split {data_args.dataset_train_split!r} is not in {data_args.dataset_name}; "
             f"its splits are {splits}."
         )
-    train = normalise(raw[data_args.dataset_train_split], data_args.dataset_train_split)
+    source = data_args.dataset_name
+    train = normalise(raw[data_args.dataset_train_split], data_args.dataset_train_split, source)
     if data_args.dataset_test_split in raw:
-        held_out = normalise(raw[data_args.dataset_test_split], data_args.dataset_test_split)
+        held_out = normalise(raw[data_args.dataset_test_split], data_args.dataset_test_split, source)
     else:
         if len(train) < 2:
-            raise DataError("the dataset has one row: too few to hold any out; add a test split or more rows.")
+            raise DataError(f"--dataset_name {source}: the dataset has one row: too few to hold any out; add a test "
+                            "split or more rows.")
         parts = train.train_test_split(test_size=data_args.eval_fraction, seed=seed)
         train, held_out = parts["train"], parts["test"]
         logger.info("no %r split: held out %d of %d rows (seed %d)", data_args.dataset_test_split, len(held_out), len(train) + len(held_out), seed)
@@ -175,10 +224,11 @@ def apply_length_policy(ds, tokenizer, *, max_length: int, mode: str, split_name
     n_over = sum(too_long)
     dropped = 0
     if too_long and n_over == len(too_long):
-        longest = max(p + max(c, r) for p, c, r in zip(measured["prompt_len"], measured["chosen_len"], measured["rejected_len"]))
+        lengths = [p + max(c, r) for p, c, r in zip(measured["prompt_len"], measured["chosen_len"], measured["rejected_len"])]
         raise DataError(
-            f"split {split_name!r}: all {len(ds)} rows are longer than --max_length {max_length} tokens (the longest "
-            f"has {longest}); raise --max_length or check that --tokenizer_name_or_path matches the data."
+            f"split {split_name!r}: all {len(ds)} rows are longer than --max_length {max_length} tokens (the shortest "
+            f"has {min(lengths)}, the longest {max(lengths)}). Fix: raise --max_length (and --max_prompt_length) to fit "
+            "the data, or check that --tokenizer_name_or_path matches the data."
         )
     if mode == "drop" and n_over:
         ds = ds.select([i for i, t in enumerate(too_long) if not t])

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -29,7 +30,8 @@ DIAGNOSTICS_FILE = "diagnostics.json"
 
 
 def check_output_dir(train_args) -> None:
-    """Refuse a non-empty output_dir (unless overwriting or resuming) and one we cannot write. Creates nothing."""
+    """Refuse a non-empty output_dir (unless overwriting or resuming) and one we cannot write. Leaves nothing behind
+    (the write probe is an empty folder, removed at once)."""
     out = Path(train_args.output_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise ArgumentError(f"--output_dir {out}: exists and is not a folder; choose another path.")
@@ -47,32 +49,169 @@ def check_output_dir(train_args) -> None:
             "a new --output_dir."
         )
     parent = out
-    while not parent.exists():
+    while not parent.exists() and not parent.is_symlink() and parent != parent.parent:
         parent = parent.parent
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ArgumentError(f"--output_dir {out}: {parent} is not writable; choose a folder you can write to.")
+    if not parent.is_dir():
+        raise ArgumentError(
+            f"--output_dir {out}: {parent} is a file, not a folder, so nothing can be created under it. Nothing was "
+            "changed. Choose an --output_dir whose parent folders are folders you can write to."
+        )
+    # os.access alone is not enough: root passes it on read-only mounts and in /proc. Probe for real with a
+    # uniquely named empty folder that is removed at once (safe when every rank probes at the same time).
+    import tempfile
+
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".dpo_dist_write_probe_", dir=parent))
+    except OSError as e:
+        raise ArgumentError(
+            f"--output_dir {out}: cannot create anything in {parent} ({e.strerror or e}). Nothing was changed. "
+            "Choose a folder you can write to (check permissions, read-only mounts and free space)."
+        ) from e
+
+
+# DeepSpeed's engine-state files (deepspeed/runtime/engine.py: _get_ckpt_name, _get_rank_zero_ckpt_name).
+_DS_ZERO3_MODEL = re.compile(r"^zero_pp_rank_(\d+)_mp_rank_(\d+)_model_states\.pt$")
+_DS_ZERO_OPTIM = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_optim_states\.pt$")
+_DS_MODEL = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+_HF_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors", "pytorch_model.bin",
+               "pytorch_model.bin.index.json", "adapter_model.bin")
+
+
+def _file_problem(path: Path) -> Optional[str]:
+    """Cheap integrity check of one file: empty, or a torch zip whose central directory is unreadable (truncated)."""
+    import zipfile
+
+    try:
+        size = path.stat().st_size
+        if size == 0:
+            return f"{path.name} is empty"
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic == b"PK\x03\x04":  # torch.save's zip format: the directory sits at the end, so truncation shows
+            with zipfile.ZipFile(path) as z:
+                z.namelist()
+    except zipfile.BadZipFile:
+        return f"{path.name} is truncated or damaged (unreadable torch archive)"
+    except OSError as e:
+        return f"{path.name} cannot be read ({e.strerror})"
+    return None
+
+
+def _deepspeed_state_problems(tag_dir: Path, world_size: int) -> list[str]:
+    names = sorted(os.listdir(tag_dir))
+    zero3_model = {int(m[1]) for n in names if (m := _DS_ZERO3_MODEL.match(n))}
+    zero_optim = {int(m[1]) for n in names if (m := _DS_ZERO_OPTIM.match(n))}
+    plain_model = [n for n in names if _DS_MODEL.match(n)]
+    rel = tag_dir.name
+    if not zero3_model and not plain_model:
+        return [f"{rel}/ holds no *_model_states.pt (the DeepSpeed engine state was not saved)"]
+    problems = []
+    saved = max(zero3_model | zero_optim) + 1 if (zero3_model or zero_optim) else 1
+    if saved > world_size:
+        problems.append(
+            f"{rel}/ was saved by {saved} ranks but this run has {world_size}; a ZeRO checkpoint resumes only at the "
+            "same number of ranks (launch with that many, or convert it with DeepSpeed's ds_to_universal)"
+        )
+    expected = range(max(saved, world_size))
+    if zero3_model or (zero_optim and not plain_model):
+        problems += [f"{rel}/zero_pp_rank_{r}_mp_rank_00_model_states.pt is missing" for r in expected if r not in zero3_model]
+    if zero_optim or zero3_model:
+        problems += [f"{rel}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt is missing" for r in expected if r not in zero_optim]
+    for n in names:
+        if n.endswith(".pt") and (p := _file_problem(tag_dir / n)):
+            problems.append(f"{rel}/{p}")
+    return problems
+
+
+def checkpoint_problems(ckpt, world_size: int = 1, deepspeed: bool = False) -> list[str]:
+    """What stops an exact resume from `ckpt` (empty list: looks complete). Reads only names, sizes, the JSON
+    state and zip directories, so it is cheap even for 70B checkpoints and needs no model or process group."""
+    ckpt = Path(ckpt)
+    if not ckpt.is_dir():
+        return [f"{ckpt} is not a folder"]
+    problems = []
+    state_path = ckpt / "trainer_state.json"
+    try:
+        state = json.loads(state_path.read_text())
+        if not isinstance(state.get("global_step"), int):
+            problems.append("trainer_state.json has no global_step")
+    except FileNotFoundError:
+        problems.append("trainer_state.json is missing")
+    except (ValueError, UnicodeDecodeError, AttributeError) as e:
+        problems.append(f"trainer_state.json is not valid JSON, truncated? ({e})")
+    except OSError as e:
+        problems.append(f"trainer_state.json cannot be read ({e.strerror})")
+    latest = ckpt / "latest"
+    ds_dirs = sorted(p.name for p in ckpt.glob("global_step*") if p.is_dir())
+    if deepspeed or latest.exists() or ds_dirs:
+        tag = latest.read_text().strip() if latest.is_file() else (ds_dirs[0] if len(ds_dirs) == 1 else None)
+        if not tag:
+            problems.append("the DeepSpeed engine state is missing (no 'latest' file naming a global_step*/ folder)")
+        elif not (ckpt / tag).is_dir():
+            problems.append(f"{tag}/ (named by the 'latest' file) is missing")
+        else:
+            problems += _deepspeed_state_problems(ckpt / tag, world_size)
+    else:
+        if not any((ckpt / n).is_file() for n in _HF_WEIGHTS):
+            problems.append("no model weights (model.safetensors, adapter_model.safetensors, ...)")
+        if not (ckpt / "optimizer.pt").is_file():
+            problems.append("optimizer.pt is missing")
+    if not (ckpt / "scheduler.pt").is_file():
+        problems.append("scheduler.pt is missing")
+    rng = [f"rng_state_{i}.pth" for i in range(world_size)] if world_size > 1 else ["rng_state.pth"]
+    problems += [f"{n} is missing (the RNG state of that rank)" for n in rng if not (ckpt / n).is_file()]
+    for p in sorted(ckpt.iterdir()):
+        if p.is_file() and p.suffix in (".pt", ".pth") and (msg := _file_problem(p)):
+            problems.append(msg)
+    return problems
+
+
+def _checkpoints_newest_first(output_dir) -> list[Path]:
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    rx = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-(\d+)$")
+    found = [(int(m[1]), p) for p in Path(output_dir).iterdir() if p.is_dir() and (m := rx.match(p.name))]
+    return [p for _, p in sorted(found, key=lambda t: t[0], reverse=True)]
 
 
 def resolve_checkpoint(train_args) -> Optional[str]:
+    """'latest' or a path → a checkpoint folder that is complete for this world size; otherwise an error naming
+    the checkpoint and what is missing. Runs before any model loads and writes nothing."""
     value = train_args.resume_from_checkpoint
     if not value:
         return None
-    from transformers.trainer_utils import get_last_checkpoint
-
+    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    deepspeed = bool(train_args.deepspeed)
+    out = Path(train_args.output_dir)
     if value == "latest":
-        last = get_last_checkpoint(train_args.output_dir) if os.path.isdir(train_args.output_dir) else None
-        if last is None:
+        candidates = _checkpoints_newest_first(out) if out.is_dir() else []
+        if not candidates:
             raise ArgumentError(
-                f"--resume_from_checkpoint latest: no checkpoint-* folder in {train_args.output_dir}; "
-                "start without --resume_from_checkpoint or point it at a checkpoint folder."
+                f"--resume_from_checkpoint latest: no checkpoint-* folder in {out}. Nothing was changed. Start "
+                "without --resume_from_checkpoint (into a new --output_dir) or point it at a checkpoint folder."
             )
-        return last
-    if not os.path.isfile(os.path.join(value, "trainer_state.json")):
+        ckpt = candidates[0]
+    else:
+        ckpt = Path(value)
+        if not ckpt.is_dir():
+            raise ArgumentError(
+                f"--resume_from_checkpoint {value}: no such checkpoint folder. Nothing was changed. Use an existing "
+                "checkpoint-* folder or 'latest'."
+            )
+        candidates = _checkpoints_newest_first(ckpt.parent)
+    problems = checkpoint_problems(ckpt, world_size=world_size, deepspeed=deepspeed)
+    if problems:
+        hint = "start without --resume_from_checkpoint (into a new --output_dir)"
+        for other in candidates:
+            if other.resolve() != ckpt.resolve() and not checkpoint_problems(other, world_size, deepspeed):
+                hint = f"resume from the newest complete one, --resume_from_checkpoint {other}, or {hint}"
+                break
+        shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ArgumentError(
-            f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json); the checkpoint is "
-            "missing or partial. Use another checkpoint-* folder or 'latest'."
+            f"--resume_from_checkpoint {value}: checkpoint {ckpt} is incomplete or corrupt: {shown}. "
+            f"Nothing was changed or deleted. To go on, {hint}."
         )
-    return value
+    return str(ckpt)
 
 
 def _dist_reduce(values: list[float], op: str, device) -> list[float]:
@@ -107,8 +246,15 @@ def shard_report(module, world_size: int) -> dict:
     return {"world_size": world_size, "params": rows}
 
 
+# Test hook: stop (after saving a checkpoint) once this optimizer step is done, without changing max_steps and
+# so without changing the LR schedule. The resume tests use it to cut a run in two.
+STOP_AFTER_STEP_ENV = "DPO_DIST_STOP_AFTER_STEP"
+
+
 class RunRecorder:
-    """Trainer callback: timing, plus (with --diagnostics) reference log-probs before/after and shard sizes."""
+    """Trainer callback: timing; the unrounded train loss of every log (HF rounds `loss` to 4 decimals), kept in
+    the log history as `loss_unrounded` so that it is saved in checkpoints and survives a resume; the test-only
+    stop hook ($DPO_DIST_STOP_AFTER_STEP); and (with --diagnostics) reference log-probs before/after and shard sizes."""
 
     def __init__(self, diagnostics: bool):
         from transformers import TrainerCallback
@@ -118,6 +264,10 @@ class RunRecorder:
         self.t_train = None
         self.train_seconds = 0.0
         self.diag: dict = {}
+        self.loss_total: Optional[float] = None
+        self.loss_step = 0
+        stop = os.environ.get(STOP_AFTER_STEP_ENV, "").strip()
+        self.stop_after_step = int(stop) if stop else None
         recorder = self
 
         class _CB(TrainerCallback):
@@ -125,10 +275,19 @@ class RunRecorder:
                 if recorder.diagnostics:
                     recorder.diag["reference_logps_before"] = recorder.reference_logps()
                 recorder.t_train = time.perf_counter()
+                # Trainer zeroes _total_loss_scalar right before on_train_begin (also on resume).
+                recorder.loss_total = getattr(recorder.trainer, "_total_loss_scalar", None)
+                recorder.loss_step = state.global_step
 
             def on_step_end(self, args, state, control, **kw):
                 if recorder.diagnostics and "shards" not in recorder.diag:
                     recorder.diag["shards"] = recorder.shards()
+                if recorder.stop_after_step is not None and state.global_step >= recorder.stop_after_step:
+                    control.should_save = True  # saved in this step's _maybe_log_save_evaluate, then the loop ends
+                    control.should_training_stop = True
+
+            def on_log(self, args, state, control, logs=None, **kw):
+                recorder.record_loss(state, logs)
 
             def on_train_end(self, args, state, control, **kw):
                 recorder.train_seconds = time.perf_counter() - recorder.t_train
@@ -136,6 +295,18 @@ class RunRecorder:
                     recorder.diag["reference_logps_after"] = recorder.reference_logps()
 
         self.callback = _CB()
+
+    def record_loss(self, state, logs) -> None:
+        """The Trainer logs round(sum / steps, 4), where sum (all-gathered mean over ranks) was just added to
+        `_total_loss_scalar`: the difference since the previous log is that sum, unrounded."""
+        total = getattr(self.trainer, "_total_loss_scalar", None)
+        if not logs or "loss" not in logs or total is None or self.loss_total is None:
+            return
+        steps = state.global_step - self.loss_step
+        entry = state.log_history[-1] if state.log_history else {}
+        if steps > 0 and entry.get("step") == state.global_step and "loss" in entry:
+            entry["loss_unrounded"] = (total - self.loss_total) / steps
+        self.loss_total, self.loss_step = total, state.global_step
 
     def reference_logps(self) -> dict:
         trainer = self.trainer
@@ -160,11 +331,32 @@ def train_losses(log_history: list[dict]) -> list[float]:
     return [h["loss"] for h in log_history if "loss" in h and "eval_loss" not in h]
 
 
+def train_loss_by_step(log_history: list[dict]) -> dict[str, float]:
+    """{step: unrounded train loss (mean over ranks, and over the steps since the previous log)}; a resumed run's
+    history includes the steps before the checkpoint."""
+    return {str(h["step"]): h["loss_unrounded"] for h in log_history if "loss_unrounded" in h}
+
+
+def process_group_timeout_s(device) -> Optional[float]:
+    """The collective timeout the default process group really has (what --dist_timeout became), or None."""
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            return None
+        backend = dist.distributed_c10d._get_default_group()._get_backend(device)
+        return float(backend.options._timeout.total_seconds())
+    except Exception:  # private API: report nothing rather than guess
+        return None
+
+
 def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_metrics, recorder, wall_start) -> dict:
     from dpo_dist.backend import peak_memory_bytes
 
     device = trainer.accelerator.device
-    pairs, tokens = _dist_reduce([float(trainer.pairs_seen), float(trainer.real_tokens_seen)], "sum", device)
+    pairs, tokens, fed = _dist_reduce(
+        [float(trainer.pairs_seen), float(trainer.real_tokens_seen), float(getattr(trainer, "fed_tokens_seen", 0))],
+        "sum", device)
     (peak,) = _dist_reduce([float(peak_memory_bytes(backend))], "max", device)
     losses = train_losses(trainer.state.log_history)
     secs = max(recorder.train_seconds, 1e-9)
@@ -173,6 +365,7 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
         "dist_backend": backend.dist_backend,
         "trainer_api": setup.api,
         "world_size": trainer.args.world_size,
+        "dist_timeout_s": process_group_timeout_s(device),
         "zero_stage": setup.zero_stage,
         "reference": setup.reference,
         "use_peft": model_args.use_peft,
@@ -184,16 +377,34 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
         "first_train_loss": losses[0] if losses else None,
         "last_train_loss": losses[-1] if losses else None,
         "train_losses": losses,
+        "train_loss_by_step": train_loss_by_step(trainer.state.log_history),
         "eval_reward_accuracy": eval_metrics.get("eval_rewards/accuracies"),
         "eval_reward_margin": eval_metrics.get("eval_rewards/margins"),
         "eval_loss": eval_metrics.get("eval_loss"),
         "pairs_per_s": pairs / secs,
         "tokens_per_s": tokens / secs,
         "real_tokens": int(tokens),
+        "fed_tokens": int(fed),  # real + padding tokens of the policy forwards
+        "padding_fraction": (1.0 - tokens / fed) if fed else None,
+        "length_buckets": list(getattr(trainer, "dpodist_buckets", None) or []),
+        "chunked_logps": bool(getattr(trainer, "dpodist_chunked_logps", False)),
+        "reference_cache": getattr(trainer, "dpodist_ref_cache", None),
         "peak_memory_gib_per_rank_max": peak / 2**30,
         "train_seconds": recorder.train_seconds,
         "wall_seconds": time.perf_counter() - wall_start,
     }
+
+
+def current_rss_bytes() -> int:
+    """Resident set of this process now (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def write_json_atomic(path: Path, obj) -> None:
@@ -228,6 +439,7 @@ def run(model_args, data_args, train_args) -> dict:
     logger.info("data: %d training pairs, %d held-out pairs", len(train), len(held_out))
 
     set_seed(train_args.seed)
+    rss_before_model = current_rss_bytes()  # the process before any model: baseline for the planner check
     model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=setup.model_load_kwargs)
     ref_model = None
     if setup.reference in ("sharded", "replicated"):
@@ -242,6 +454,8 @@ def run(model_args, data_args, train_args) -> dict:
         setup, model_args=model_args, data_args=data_args, train_args=train_args, model=model, ref_model=ref_model,
         tokenizer=tokenizer, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
         callbacks=[recorder.callback],
+        load_reference=lambda: load_model(model_args, device=backend.device, bf16=train_args.bf16,
+                                          extra_kwargs=setup.model_load_kwargs)[0],
     )
     recorder.trainer = trainer
 
@@ -252,6 +466,8 @@ def run(model_args, data_args, train_args) -> dict:
         trainer=trainer, setup=setup, backend=backend, model_args=model_args, train_args=train_args,
         eval_metrics=eval_metrics, recorder=recorder, wall_start=wall_start,
     )
+    (metrics["rss_before_model_gib_max"],) = [x / 2**30 for x in _dist_reduce(
+        [float(rss_before_model)], "max", trainer.accelerator.device)]
     if trainer.is_world_process_zero():
         out = Path(train_args.output_dir)
         write_json_atomic(out / METRICS_FILE, metrics)
@@ -327,5 +543,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     return post_step(model_args, train_args)
 
 
+def exit_now(code: int) -> None:
+    """Leave without the interpreter's teardown, once everything is written and the process group is destroyed.
+    Teardown can still abort a rank (SIGABRT, "terminate called without an active exception") when it frees gloo
+    objects that other modules keep referenced (DESIGN.md §6): measured here once in about a dozen 2-rank runs,
+    after a successful run; DeepSpeed's launcher then fails the whole job."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:
+            pass
+    logging.shutdown()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

@@ -47,13 +47,22 @@ def _check_source(name: str, flag: str) -> str:
     return name
 
 
+def _offline() -> bool:
+    return any(os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
+               for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
 def _wrap_hub_error(e: Exception, name: str, flag: str) -> ModelLoadError:
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if _offline():
+        cache = ("HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache, so the hub was not asked; "
+                 "unset HF_HUB_OFFLINE where there is network, or")
+    else:
+        cache = "the hub may be unreachable from here (or the id is wrong):"
     return ModelLoadError(
-        f"{flag} {name}: could not load it ({type(e).__name__}: {first}). If it is a hub id, the hub may be "
-        "unreachable from here: download it where there is network (`huggingface-cli download ID --local-dir DIR`) "
-        "and pass the folder, or set HF_HUB_OFFLINE=1 to use the local cache. Gated models also need a token "
-        "(`huggingface-cli login` on every node)."
+        f"{flag} {name}: could not load it ({type(e).__name__}: {first}). If it is a hub id, {cache} download it "
+        "where there is network (`huggingface-cli download ID --local-dir DIR`) and pass the local folder instead. "
+        "Gated models also need a token (`huggingface-cli login` on every node)."
     )
 
 

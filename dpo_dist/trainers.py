@@ -21,26 +21,51 @@ from dpo_dist.args import ArgumentError
 logger = logging.getLogger(__name__)
 
 
-def zero_stage_of(ds_config_path: Optional[str]) -> int:
-    """ZeRO stage named in a DeepSpeed JSON (0 when no DeepSpeed)."""
-    if not ds_config_path:
-        return 0
-    try:
-        with open(ds_config_path) as fh:
-            cfg = json.load(fh)
-    except OSError as e:
-        raise ArgumentError(f"--deepspeed {ds_config_path}: cannot read it ({e.strerror}).") from e
-    except json.JSONDecodeError as e:
-        raise ArgumentError(
-            f"--deepspeed {ds_config_path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
-            "Start from a template in ds_configs/."
-        ) from e
+def read_ds_config(ds_config) -> Optional[dict]:
+    """The --deepspeed config as a dict (a JSON file path, a JSON string or a dict); None without DeepSpeed."""
+    if ds_config in (None, ""):
+        return None
+    if isinstance(ds_config, dict):
+        cfg, name = ds_config, "config"
+    else:
+        name = str(ds_config)
+        try:
+            if name.lstrip().startswith("{"):
+                cfg = json.loads(name)
+            else:
+                with open(name) as fh:
+                    cfg = json.load(fh)
+        except OSError as e:
+            raise ArgumentError(f"--deepspeed {name}: cannot read it ({e.strerror}).") from e
+        except json.JSONDecodeError as e:
+            raise ArgumentError(
+                f"--deepspeed {name}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
+                "Start from a template in ds_configs/."
+            ) from e
     if not isinstance(cfg, dict):
-        raise ArgumentError(f"--deepspeed {ds_config_path}: expected a JSON object.")
-    stage = cfg.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise ArgumentError(f"--deepspeed {ds_config_path}: zero_optimization.stage must be 0-3 (got {stage!r}).")
-    return int(stage)
+        raise ArgumentError(
+            f"--deepspeed {name}: expected a JSON object ({{...}}), got a JSON {type(cfg).__name__}. "
+            "Start from a template in ds_configs/."
+        )
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ArgumentError(
+            f"--deepspeed {name}: zero_optimization must be an object such as {{\"stage\": 3}}, "
+            f"got {zero!r}. Start from a template in ds_configs/."
+        )
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ArgumentError(
+            f"--deepspeed {name}: zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r}). "
+            "Fix the number (3 shards parameters, gradients and optimizer state), or start from ds_configs/zero3.json."
+        )
+    return cfg
+
+
+def zero_stage_of(ds_config) -> int:
+    """ZeRO stage named in the --deepspeed config (0 when no DeepSpeed)."""
+    cfg = read_ds_config(ds_config)
+    return int(cfg.get("zero_optimization", {}).get("stage", 0)) if cfg else 0
 
 
 def resolve_reference(reference: str, use_peft: bool, zero_stage: int) -> str:
@@ -75,7 +100,88 @@ class DpoDistTrainerMixin:
 
     real_tokens_seen: int = 0
     pairs_seen: int = 0
+    fed_tokens_seen: int = 0  # real + padding tokens of the policy forwards (padding fraction)
     token_counter = staticmethod(count_real_tokens)
+    # Set by build_trainer (trl path): chunked log-probs, length buckets, reference from the cache.
+    dpodist_chunked_logps: bool = False
+    dpodist_buckets: Optional[list] = None
+    _dpodist_ref_cached_init: bool = False
+
+    # trl 0.22 refuses ref_model=None without PEFT or its own precompute (and refuses its
+    # precompute under ZeRO-3). With our reference cache the log-probs arrive as dataset columns,
+    # so during __init__ only, report "no separate reference needed" (see build_trainer).
+    @property
+    def is_peft_model(self):
+        return self.__dict__.get("_is_peft_model", False) or self._dpodist_ref_cached_init
+
+    @is_peft_model.setter
+    def is_peft_model(self, value):
+        self.__dict__["_is_peft_model"] = value
+
+    def _dpodist_chunked_ok(self) -> bool:
+        """The configurations the chunked forward reproduces; anything else goes to TRL's."""
+        a = self.args
+        return (self.dpodist_chunked_logps and not self.is_encoder_decoder and not self.is_vision_model
+                and not self.padding_free and not self.aux_loss_enabled and not self.use_weighting
+                and a.rpo_alpha is None and a.ld_alpha is None and "sft" not in self.loss_type
+                and not a.use_liger_loss and not self.use_logits_to_keep)
+
+    def concatenated_forward(self, model, batch, is_ref_model: bool = False):
+        if not self._dpodist_chunked_ok():
+            if "chosen_pad_to" in batch:
+                raise RuntimeError("length buckets need the chunked forward (--chunked_logps); this configuration "
+                                   "falls back to TRL's forward")
+            return super().concatenated_forward(model, batch, is_ref_model=is_ref_model)
+        import torch
+
+        from dpo_dist.logprobs import build_rows, sequence_logps
+
+        n = batch["prompt_input_ids"].shape[0]
+        kw = dict(max_length=self.max_length, truncation_mode=self.truncation_mode, pad_value=self.padding_value)
+        if "chosen_pad_to" in batch:  # bucketed: chosen and rejected rows each padded to their own bucket
+            parts = []
+            for key in ("chosen", "rejected"):
+                rows = build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
+                                  batch[f"{key}_attention_mask"], pad_to=int(batch[f"{key}_pad_to"]), **kw)
+                parts.append(sequence_logps(model, *rows))
+            logps, sums, ntok = (torch.cat(x) for x in zip(*parts))
+        else:
+            cat = self.concatenated_inputs(batch, padding_value=self.padding_value)
+            rows = build_rows(cat["prompt_input_ids"], cat["prompt_attention_mask"], cat["completion_input_ids"],
+                              cat["completion_attention_mask"], **kw)
+            logps, sums, ntok = sequence_logps(model, *rows)
+        if "ipo" in self.loss_type:
+            logps = logps / ntok
+        from dpo_dist.logprobs import causal_lm_parts
+
+        vocab = causal_lm_parts(model)[1].out_features
+        denom = lambda t: (t.sum() * vocab).clamp(min=1)  # noqa: E731
+        return {
+            "chosen_logps": logps[:n],
+            "rejected_logps": logps[n:],
+            "mean_chosen_logits": sums[:n].sum() / denom(ntok[:n]),
+            "mean_rejected_logits": sums[n:].sum() / denom(ntok[n:]),
+        }
+
+    def get_train_dataloader(self):
+        if not self.dpodist_buckets:
+            return super().get_train_dataloader()
+        from torch.utils.data import DataLoader
+
+        from dpo_dist.bucketing import BucketBatchSampler, BucketCollator, pair_row_lengths
+
+        chosen, rejected = pair_row_lengths(self.train_dataset, self.max_length)
+        sampler = BucketBatchSampler(chosen, rejected, self.dpodist_buckets, self.args.per_device_train_batch_size,
+                                     num_replicas=self.args.world_size, rank=self.args.process_index,
+                                     seed=self.args.seed)
+
+        class _Loader(DataLoader):
+            def set_epoch(self, epoch):
+                sampler.set_epoch(epoch)
+
+        return _Loader(self.train_dataset, batch_sampler=sampler,
+                       collate_fn=BucketCollator(self.data_collator, self.dpodist_buckets, self.max_length),
+                       num_workers=self.args.dataloader_num_workers)
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -88,6 +194,10 @@ class DpoDistTrainerMixin:
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training:
             self.real_tokens_seen += self.token_counter(inputs)
+            if "prompt_attention_mask" in inputs:
+                from dpo_dist.bucketing import fed_tokens
+
+                self.fed_tokens_seen += fed_tokens(inputs, getattr(self, "max_length", None))
             ids = inputs.get("chosen_input_ids")
             self.pairs_seen += int(ids.shape[0]) if ids is not None else 0
         return super().compute_loss(model, inputs, *args, **kwargs)
@@ -147,7 +257,9 @@ def dpo_config_kwargs(model_args, data_args, train_args, *, reference: str) -> d
         max_prompt_length=t.max_prompt_length,
         max_completion_length=t.max_completion_length,
         truncation_mode="keep_end",
-        precompute_ref_log_probs=reference == "precomputed",
+        # "precomputed" is dpo-dist's reference cache (dpo_dist/refcache.py), not TRL's own
+        # precompute (which refuses ZeRO-3 and keeps the reference model in memory).
+        precompute_ref_log_probs=False,
         force_use_ref_model=model_args.use_peft and reference in ("sharded", "replicated"),
     )
 
@@ -170,7 +282,7 @@ def build_training_setup(backend, model_args, data_args, train_args) -> Training
 
 
 def build_trainer(setup: TrainingSetup, *, model_args, data_args, train_args, model, ref_model, tokenizer,
-                  train_dataset, eval_dataset, peft_config, callbacks):
+                  train_dataset, eval_dataset, peft_config, callbacks, load_reference=None):
     if setup.api == "gaudi":
         from dpo_dist import trainers_gaudi
 
@@ -182,10 +294,14 @@ def build_trainer(setup: TrainingSetup, *, model_args, data_args, train_args, mo
         )
     from trl import DPOTrainer
 
-    cls = type("DpoDistDPOTrainer", (DpoDistTrainerMixin, DPOTrainer), {})
-    return cls(
+    cached = setup.reference == "precomputed"
+    cls = type("DpoDistDPOTrainer", (DpoDistTrainerMixin, DPOTrainer), {
+        "dpodist_chunked_logps": bool(getattr(train_args, "chunked_logps", False)),
+        "_dpodist_ref_cached_init": cached,
+    })
+    trainer = cls(
         model=model,
-        ref_model=ref_model,
+        ref_model=None if cached else ref_model,
         args=setup.args,
         train_dataset=train_dataset,
         eval_dataset=eval_dataset,
@@ -193,3 +309,24 @@ def build_trainer(setup: TrainingSetup, *, model_args, data_args, train_args, mo
         peft_config=peft_config,
         callbacks=callbacks,
     )
+    cls._dpodist_ref_cached_init = False  # only __init__'s checks see the cached reference as "no model needed"
+    k = int(getattr(train_args, "length_buckets", 0) or 0)
+    if k > 0:
+        if not trainer._dpodist_chunked_ok():
+            raise ArgumentError("--length_buckets needs --chunked_logps (on by default) and a plain sigmoid/ipo-style "
+                                "loss without rpo_alpha/ld_alpha/liger/padding_free.")
+        from dpo_dist.bucketing import choose_buckets, padding_fraction, pair_row_lengths
+
+        chosen, rejected = pair_row_lengths(trainer.train_dataset, trainer.max_length)
+        trainer.dpodist_buckets = choose_buckets(chosen + rejected, k)
+        logger.info("length buckets (%d): %s; padding %.1f%% (rows padded to their bucket)", len(trainer.dpodist_buckets),
+                    trainer.dpodist_buckets, 100 * padding_fraction(chosen + rejected, trainer.dpodist_buckets))
+    if cached:
+        from dpo_dist.refcache import attach_reference_cache
+
+        if load_reference is None:
+            raise ArgumentError("--reference precomputed: no way to load the reference model (load_reference)")
+        trainer.dpodist_ref_cache = attach_reference_cache(
+            trainer, model_path=model_args.model_name_or_path, load_model=load_reference,
+            cache_dir=getattr(train_args, "ref_cache_dir", None))
+    return trainer

@@ -121,39 +121,17 @@ def check_loss_type_gaudi(loss_type: str) -> None:
 
 
 def load_deepspeed_config(deepspeed: Any) -> Optional[dict]:
-    """The DeepSpeed config given as --deepspeed: a JSON file path, a JSON string or a dict."""
-    if deepspeed in (None, ""):
-        return None
-    if isinstance(deepspeed, dict):
-        return deepspeed
-    text = str(deepspeed)
-    if text.lstrip().startswith("{"):
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ArgumentError(f"--deepspeed: not valid JSON ({e}).") from e
-    try:
-        with open(text) as fh:
-            cfg = json.load(fh)
-    except OSError as e:
-        raise ArgumentError(f"--deepspeed {text}: cannot read the DeepSpeed config ({e.strerror}).") from e
-    except json.JSONDecodeError as e:
-        raise ArgumentError(f"--deepspeed {text}: not valid JSON ({e}).") from e
-    if not isinstance(cfg, dict):
-        raise ArgumentError(f"--deepspeed {text}: expected a JSON object.")
-    return cfg
+    """The DeepSpeed config given as --deepspeed: a JSON file path, a JSON string or a dict (validated)."""
+    from dpo_dist.trainers import read_ds_config
+
+    return read_ds_config(deepspeed)
 
 
 def deepspeed_zero_stage(deepspeed: Any) -> Optional[int]:
     """ZeRO stage of the --deepspeed config (0 when it has no zero_optimization), None without DeepSpeed."""
-    cfg = load_deepspeed_config(deepspeed)
-    if cfg is None:
-        return None
-    stage = (cfg.get("zero_optimization") or {}).get("stage", 0)
-    try:
-        return int(stage)
-    except (TypeError, ValueError) as e:
-        raise ArgumentError(f"--deepspeed: zero_optimization.stage must be 0-3 (got {stage!r}).") from e
+    from dpo_dist.trainers import zero_stage_of
+
+    return None if load_deepspeed_config(deepspeed) is None else zero_stage_of(deepspeed)
 
 
 def gaudi_reference_plan(model_args: ModelArguments, train_args: TrainArguments) -> dict:

@@ -200,6 +200,32 @@ def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path
     return args + list(extra)
 
 
+BATCH_FLAGS = {"--per_device_train_batch_size": "micro_batch_size", "--gradient_accumulation_steps": "gradient_accumulation_steps"}
+
+
+def apply_batch_overrides(plan, extra: list[str]):
+    """Pure: batch flags the user passes after `--` win over the plan, and the DeepSpeed config follows them
+    (DeepSpeed refuses a config whose batch sizes differ from the trainer's)."""
+    import dataclasses
+
+    changes = {}
+    for i, word in enumerate(extra):
+        flag, _, value = word.partition("=")
+        if flag in BATCH_FLAGS:
+            value = value or (extra[i + 1] if i + 1 < len(extra) else "")
+            try:
+                n = int(value)
+            except ValueError:
+                raise LaunchError(f"{flag} {value!r}: expected a positive integer.") from None
+            if n < 1:
+                raise LaunchError(f"{flag} must be a positive integer (got {n}).")
+            changes[BATCH_FLAGS[flag]] = n
+    if not changes:
+        return plan
+    notes = (*plan.notes, f"batch set by the user after `--`: {changes} (the memory estimate is for the plan's)")
+    return dataclasses.replace(plan, notes=notes, **changes)
+
+
 def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     """Plan and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env). Returns (plan, cmd, run_dir)."""
     from launch.command import build_launch_command, render_command_sh, render_deepspeed_env
@@ -208,14 +234,14 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     from launch.report import render_plan_table
 
     spec, hosts, plan = build_plan(a)
+    plan = apply_batch_overrides(plan, extra)
     check_cards_available(a, hosts, environ)
     print(render_plan_table(plan))
     if not plan.fits:
         raise NoFit(plan)
     run_dir = Path(a.run_dir or f"runs/{Path(a.model.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    run_dir.mkdir(parents=True, exist_ok=True)
     ds_path = run_dir / "ds_config.json"
-    write_ds_config(build_ds_config(plan, spec), ds_path)
+    ds_config = build_ds_config(plan, spec)
     hostfile_path = str(Path(a.hostfile).resolve()) if hosts else None
     # DeepSpeed reads only ./.deepspeed_env, ~/.deepspeed_env or $DS_ENV_FILE: the command sets DS_ENV_FILE.
     ds_env_path = str((run_dir / ".deepspeed_env").resolve())
@@ -226,10 +252,16 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
         hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path, extra_env_names=tuple(n for n in (a.env or "").split(",") if n),
         environ=environ, no_ssh=False if a.ssh else None, ssh_port=a.ssh_port,
     )
+    # Everything that can refuse the launch (secrets, quoting) runs before the run dir is created: a refused
+    # launch leaves no half-written run dir behind.
+    command_sh = render_command_sh(cmd)
+    deepspeed_env = render_deepspeed_env(cmd.deepspeed_env) if cmd.deepspeed_env else None
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_ds_config(ds_config, ds_path)
     _write_atomic(run_dir / "plan.json", json.dumps(plan_to_dict(plan), indent=2) + "\n")
-    _write_atomic(run_dir / "command.sh", render_command_sh(cmd), mode=0o755)
-    if cmd.deepspeed_env:
-        _write_atomic(run_dir / ".deepspeed_env", render_deepspeed_env(cmd.deepspeed_env))
+    _write_atomic(run_dir / "command.sh", command_sh, mode=0o755)
+    if deepspeed_env is not None:
+        _write_atomic(run_dir / ".deepspeed_env", deepspeed_env)
     return plan, cmd, run_dir
 
 

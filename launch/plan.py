@@ -165,6 +165,12 @@ class PlanOptions:
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     global_batch_size: int = 64  # preference pairs per optimizer step (target)
     fused_attention: bool = True
+    # dpo-dist's chunked log-probs (dpo_dist/logprobs.py): no [2b, s, V] logits, only one chunk's.
+    # None: on for cpu/cuda (trl 0.22 path), off for Gaudi (GaudiDPOTrainer computes full fp32 logits).
+    chunked_logps: bool | None = None
+    # dpo-dist's reference log-prob cache (dpo_dist/refcache.py) is available: "auto" may then
+    # pick "precomputed" (no reference model in memory during training, cache reused on resume).
+    reference_cache: bool = False
 
     def __post_init__(self) -> None:
         if self.cards < 1:
@@ -341,15 +347,32 @@ def _memory(spec: ModelSpec, hw: Hardware, opts: PlanOptions, stage: int, offloa
 
     n = b * s * spec.vocab_size
     cast = 4 if p == 2 else 0
-    logits = n * (p + cast + 4)
-    if reference != "precomputed":
-        logits += n * (p + cast)
+    if _chunked(hw, opts):
+        # One chunk of CHUNK_TOKENS positions at a time (lm_head output p, its fp32 copy when p = 2,
+        # the exp of logsumexp 4),
+        # plus the gathered completion hidden states [b·s, h] and their gradient; the in-loop
+        # reference runs under no_grad and frees its chunk before the policy's.
+        chunk = min(b * s, _chunk_tokens(spec.vocab_size)) * spec.vocab_size
+        logits = chunk * (p + cast + 4) + 2 * b * s * h * p
+    else:
+        logits = n * (p + cast + 4)
+        if reference != "precomputed":
+            logits += n * (p + cast)
 
     buffers = p * h * h * (2 + (0.9 if stage == 3 else 0.0))
     subtotal = params + grads + optim + ref + acts + logits + buffers
     over = hw.overhead * subtotal
     g = lambda x: x / GIB  # noqa: E731
     return Memory(g(params), g(grads), g(optim), g(ref), g(acts), g(logits), g(buffers), g(over), g(subtotal + over))
+
+
+def _chunked(hw: Hardware, opts: PlanOptions) -> bool:
+    return opts.chunked_logps if opts.chunked_logps is not None else not hw.name.startswith("gaudi")
+
+
+def _chunk_tokens(vocab_size: int) -> int:
+    """As dpo_dist.logprobs.default_chunk_tokens (kept torch-free here): ~256 MiB of fp32 logits."""
+    return max(256, 256 * 2**20 // (4 * max(1, vocab_size)))
 
 
 def estimate_memory(spec: ModelSpec, hardware: Hardware, options: PlanOptions, zero_stage: int, offload: str,
@@ -459,12 +482,13 @@ class _Candidate:
 def _references(opts: PlanOptions, stage: int) -> tuple[str, ...]:
     if opts.reference != "auto":
         wanted = (opts.reference,)
-    # "precomputed" only when asked for: GaudiDPOTrainer refuses it under ZeRO-3, and TRL's own
-    # precompute keeps the reference model in memory, which this memory model would not count.
+    # "precomputed" only when asked for, or with reference_cache (dpo-dist's cache frees the
+    # reference during training, under any ZeRO stage): GaudiDPOTrainer refuses TRL's precompute
+    # under ZeRO-3, and TRL's own precompute keeps the reference model in memory.
     elif opts.use_peft:
-        wanted = ("adapter",)
+        wanted = ("adapter", "precomputed") if opts.reference_cache else ("adapter",)
     else:
-        wanted = ("sharded", "replicated")
+        wanted = ("sharded", "replicated", "precomputed") if opts.reference_cache else ("sharded", "replicated")
     # Under ZeRO-3 TRL shards a separate reference; under 0-2 it is replicated.
     return tuple(r for r in wanted if not (r == "sharded" and stage != 3 or r == "replicated" and stage == 3))
 

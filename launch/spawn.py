@@ -21,8 +21,128 @@ from typing import Optional, Sequence
 
 from dpo_dist.logging_utils import redact
 
-# DeepSpeed's launcher reports a dead rank as: "... '--local_rank=1', ...] exits with return code = -9"
-_RANK_EXIT = re.compile(r"--local_rank=(\d+).*exits with return code = (-?\d+)")
+# DeepSpeed's launcher (deepspeed/launcher/launch.py) reports the first rank that failed as
+# "[<argv>] exits with return code = -9". The return code is that rank's, but the argv is the LAST rank
+# spawned on the node (a leaked loop variable), and under --no_local_rank it holds no rank at all: so the
+# rank is named from the processes themselves (RankWatch), and this line only supplies the code.
+_RANK_EXIT = re.compile(r"exits with return code = (-?\d+)")
+_RANK_OK = re.compile(r"Process (\d+) exits successfully")  # the same launcher, on a rank that exited 0
+_RANK_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
+
+
+def _proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
+    """(state, ppid, start time, exit status as waitpid reports it) from /proc/<pid>/stat; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            raw = fh.read().decode("ascii", "replace")
+    except OSError:
+        return None
+    rest = raw[raw.rindex(")") + 2:].split()  # the name (field 2) may hold spaces and parentheses
+    exit_status = int(rest[49]) if len(rest) > 49 else 0  # field 52, Linux >= 3.5
+    return rest[0], int(rest[1]), int(rest[19]), exit_status
+
+
+def _proc_rank(pid: int) -> Optional[int]:
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as fh:
+            env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
+    except OSError:
+        return None
+    for name in _RANK_ENV:
+        v = env.get(name.encode())
+        if v is not None and v.isdigit():
+            return int(v)
+    return None
+
+
+def _describe_status(status: Optional[int]) -> str:
+    if status is None:
+        return "exit status unknown"
+    if status & 0x7F:
+        try:
+            return f"signal {signal.Signals(status & 0x7F).name}"
+        except ValueError:
+            return f"signal {status & 0x7F}"
+    return f"exit code {(status >> 8) & 0xFF}"
+
+
+class RankWatch:
+    """The rank processes on this machine under our launcher processes, and which one ended first.
+
+    A rank is the top-most descendant with RANK in its environment (its own children inherit RANK). Each poll
+    notes ranks that became zombies (exit status readable until their parent reaps them) or vanished (reaped).
+    DeepSpeed's launcher polls once a second, reaps the failed rank and only then SIGTERMs the others, so at
+    the first poll that sees a failure: a rank already reaped went first, and a SIGTERM exit is a consequence.
+    Remote nodes' ranks are not visible here (then the message says the rank is unknown)."""
+
+    def __init__(self, roots: Sequence[int]):
+        self.roots = set(roots)
+        self.ranks: dict[int, tuple[int, int]] = {}  # pid -> (rank, start time)
+        self.ended: dict[int, tuple[int, Optional[int]]] = {}  # pid -> (poll number, exit status or None)
+        self.polls = 0
+        self.failed_at: Optional[float] = None  # when a rank was first seen to have failed (a non-zero status)
+
+    def discover(self) -> None:
+        children: dict[int, list[int]] = {}
+        stats = {}
+        try:
+            names = os.listdir("/proc")
+        except OSError:  # no procfs (not Linux): no rank attribution, DeepSpeed's own handling only
+            return
+        for name in names:
+            if name.isdigit() and (st := _proc_stat(int(name))) is not None:
+                stats[int(name)] = st
+                children.setdefault(st[1], []).append(int(name))
+        todo = list(self.roots)
+        while todo:
+            pid = todo.pop()
+            for child in children.get(pid, ()):
+                if child in self.ranks:
+                    continue
+                rank = _proc_rank(child)
+                if rank is not None:
+                    self.ranks[child] = (rank, stats[child][2])
+                else:
+                    todo.append(child)
+
+    def poll(self) -> None:
+        self.polls += 1
+        for pid in self.ranks:
+            if pid in self.ended:
+                continue
+            st = _proc_stat(pid)
+            if st is None or st[2] != self.ranks[pid][1]:
+                self.ended[pid] = (self.polls, None)
+            elif st[0] in ("Z", "X"):
+                self.ended[pid] = (self.polls, st[3])
+                if st[3] != 0 and self.failed_at is None:
+                    self.failed_at = time.monotonic()
+
+    def first_failure(self, clean=()) -> Optional[tuple[list[int], Optional[int]]]:
+        """([rank] or the candidate ranks, exit status or None) of the rank that failed first. `clean`: pids
+        the launcher reported as having exited 0 (they may have been reaped before a poll saw them)."""
+        bad = {pid: e for pid, e in self.ended.items() if e[1] != 0 and pid not in clean}
+        if not bad:
+            return None
+        first = min(n for n, _ in bad.values())
+        now = {pid: status for pid, (n, status) in bad.items() if n == first}
+        reaped = [pid for pid, status in now.items() if status is None]
+        if reaped:
+            now = {pid: None for pid in reaped}
+        elif len(now) > 1:
+            not_term = {pid: st for pid, st in now.items() if st & 0x7F != signal.SIGTERM}
+            now = not_term or now
+        ranks = sorted(self.ranks[pid][0] for pid in now)
+        return ranks, (next(iter(now.values())) if len(now) == 1 else None)
+
+    def kill_leftovers(self) -> None:
+        for pid, (_, start) in self.ranks.items():
+            st = _proc_stat(pid)
+            if st is not None and st[2] == start and st[0] not in ("Z", "X"):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
 
 
 @dataclass
@@ -36,8 +156,11 @@ def _pump(stream, sink, log_fh, lock, state, tag: str):
     for line in iter(stream.readline, ""):
         line = redact(line)
         m = _RANK_EXIT.search(line)
-        if m and m.group(2) != "0" and state.get("rank") is None:
-            state["rank"] = (int(m.group(1)), int(m.group(2)))
+        if m and m.group(1) != "0" and state.get("code") is None:
+            state["code"] = int(m.group(1))
+        m = _RANK_OK.search(line)
+        if m:
+            state.setdefault("clean", set()).add(int(m.group(1)))
         with lock:
             sink.write(tag + line)
             sink.flush()
@@ -71,9 +194,32 @@ def stop_all(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
+def _failure_message(watch: RankWatch, states: list[dict]) -> Optional[str]:
+    code = next((st["code"] for st in states if st.get("code") is not None), None)
+    found = watch.first_failure(clean=set().union(*(st.get("clean", set()) for st in states)))
+    if found is None:
+        if code is None:
+            return None
+        how = _describe_status(-code if code < 0 else (code & 0xFF) << 8)
+        return f"a rank died ({how}; which one is not visible from here); the other ranks were stopped"
+    ranks, status = found
+    if status is None and code is not None and code < 0:
+        status = -code  # a reaped rank: its code from DeepSpeed's line, as a waitpid status
+    elif status is None and code is not None:
+        status = (code & 0xFF) << 8
+    how = _describe_status(status)
+    if len(ranks) == 1:
+        return f"rank {ranks[0]} died ({how}); the other ranks were stopped"
+    return f"rank {' or rank '.join(map(str, ranks))} died first ({how}); the other ranks were stopped"
+
+
 def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Optional[Path] = None, cwd=None,
-          grace_s: float = 20.0, poll_s: float = 0.5) -> SpawnResult:
-    """Run the node commands to completion. Returns 0 only if every one exits 0."""
+          grace_s: float = 20.0, poll_s: float = 0.1, discover_s: float = 1.0,
+          rank_failure_grace_s: float = 15.0) -> SpawnResult:
+    """Run the node commands to completion. Returns 0 only if every one exits 0. When a rank dies, the
+    failure message names it (RankWatch), and every process is stopped (stop_all): by the node command itself
+    (DeepSpeed's launcher stops the other ranks and exits), or, if it has not within rank_failure_grace_s
+    of the rank's death, by us."""
     log_fh = open(log_path, "a") if log_path else None
     lock = threading.Lock()
     procs, threads, states = [], [], []
@@ -98,9 +244,15 @@ def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Optional[Pa
             t.start()
             threads.append(t)
 
+        watch = RankWatch([p.pid for p in procs])
+        next_discover = 0.0
         failed = None
         rc = 0
         while True:
+            if time.monotonic() >= next_discover:
+                watch.discover()
+                next_discover = time.monotonic() + discover_s
+            watch.poll()
             codes = [p.poll() for p in procs]
             bad = [(i, c) for i, c in enumerate(codes) if c not in (None, 0)]
             if stopping["signal"] is not None:
@@ -111,21 +263,24 @@ def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Optional[Pa
                 break
             if bad:
                 i, c = bad[0]
+                watch.poll()
                 stop_all(procs, grace_s)
                 rc = c if c > 0 else 128 + (-c)
                 failed = f"node command {i} exited with {c}"
                 break
             if all(c == 0 for c in codes):
                 break
+            if watch.failed_at is not None and time.monotonic() - watch.failed_at > rank_failure_grace_s:
+                stop_all(procs, grace_s)
+                rc = 1
+                failed = "a rank failed and the launcher did not stop the others"
+                break
             time.sleep(poll_s)
+        watch.kill_leftovers()
         for t in threads:
             t.join(timeout=5)
-        for st in states:
-            if st.get("rank") is not None:
-                r, c = st["rank"]
-                how = f"signal {signal.Signals(-c).name}" if c < 0 else f"exit code {c}"
-                failed = f"rank {r} died ({how}); the other ranks were stopped"
-                break
+        if rc != 0 and stopping["signal"] is None:
+            failed = _failure_message(watch, states) or failed
         return SpawnResult(rc, failed)
     finally:
         for s, h in old.items():

@@ -492,3 +492,16 @@ def test_doctor_never_prints_env_values():
     rc, out = _doctor(hardware="gaudi2", environ=environ)
     assert SECRET not in out
     assert "HF_TOKEN: set" in out and "huggingface-cli login" in out
+
+
+def test_batch_flags_after_double_dash_win_and_the_ds_config_follows(tmp_path):
+    import launch.cli as cli
+
+    a = cli.TrainArguments(model="google/gemma-3-270m", hardware="cpu", cards=2, run_dir=str(tmp_path / "run"))
+    plan, _, run = cli.prepare_run(a, ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps=2"],
+                                   environ={})
+    ds = json.loads((run / "ds_config.json").read_text())
+    assert (plan.micro_batch_size, plan.gradient_accumulation_steps) == (3, 2)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 12)
+    with pytest.raises(cli.LaunchError, match="positive integer"):
+        cli.apply_batch_overrides(plan, ["--per_device_train_batch_size", "0"])

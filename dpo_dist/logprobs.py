@@ -1,0 +1,192 @@
+"""Chunked per-sequence log-probabilities: the full ``[2b, s, V]`` logits are never materialised.
+
+TRL computes ``logits = lm_head(hidden)`` for every position of every row, casts to fp32 and
+takes ``log_softmax`` over the vocabulary: ``2·b·s·V`` fp32 elements kept for backward (Gemma
+3: V = 262k, so 2 GiB per 1k tokens of micro-batch). Here the model runs with
+``logits_to_keep=<empty index>`` (its lm_head sees no position), the final hidden states are
+taken from the decoder backbone with a forward hook, and only the positions whose label
+counts (completion tokens, no prompt, no padding) go through lm_head, in chunks of
+``chunk_tokens`` positions. Each chunk runs under ``torch.utils.checkpoint`` when gradients are
+needed, so backward recomputes one chunk's logits at a time: the peak is one chunk's
+``[chunk, V]`` fp32 logits instead of the whole batch's.
+
+The lm_head is called as a module (not through its weight), so DeepSpeed ZeRO-3's module hooks
+gather its partitioned weight for every call, including the recompute in backward. Gemma 3's
+``final_logit_softcapping`` (``tanh(x / c) · c``) is applied per chunk, as the model would.
+
+``mean_chosen_logits`` / ``mean_rejected_logits`` (TRL's logged metrics: the mean of the logits
+over the vocabulary at the completion positions) are computed exactly from the chunks, under
+``no_grad``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# Tokens per lm_head chunk: about 256 MiB of fp32 logits per chunk, at least 256 tokens.
+CHUNK_BYTES = 256 * 2**20
+
+
+def default_chunk_tokens(vocab_size: int) -> int:
+    """~256 MiB of fp32 logits per chunk (>= 256 tokens); $DPO_DIST_LOGPS_CHUNK_TOKENS overrides (tests)."""
+    import os
+
+    env = os.environ.get("DPO_DIST_LOGPS_CHUNK_TOKENS")
+    if env:
+        return max(1, int(env))
+    return max(256, CHUNK_BYTES // (4 * max(1, vocab_size)))
+
+
+def _chunk_logps(lm_head, softcap: Optional[float], hidden: torch.Tensor, labels: torch.Tensor):
+    logits = lm_head(hidden)
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.float()
+    logp = logits.gather(-1, labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    return logp, logits.detach().sum(-1)
+
+
+def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *, softcap: Optional[float] = None,
+                chunk_tokens: Optional[int] = None, checkpoint: Optional[bool] = None):
+    """Log-prob of ``labels`` [n] under ``softcap(lm_head(hidden))`` [n, V], chunked over n.
+
+    Returns ``(logps [n] fp32, logit_sums [n] fp32 detached: the sum of the logits over V)``.
+    ``checkpoint`` (default: when grad is enabled) recomputes each chunk in backward.
+    """
+    n = hidden.shape[0]
+    if chunk_tokens is None:
+        chunk_tokens = default_chunk_tokens(getattr(lm_head, "out_features", 0) or 262144)
+    weight = getattr(lm_head, "weight", None)
+    zero3 = weight is not None and hasattr(weight, "ds_id")
+    if checkpoint is None:
+        # DeepSpeed ZeRO-3 does not re-gather a FROZEN partitioned weight (LoRA's lm_head) when a
+        # checkpoint recomputes the chunk in backward: there, chunks are kept, not recomputed.
+        checkpoint = torch.is_grad_enabled() and hidden.requires_grad and not (zero3 and not weight.requires_grad)
+    n_chunks = -(-n // chunk_tokens)
+    if zero3:
+        # Every lm_head call all-gathers its weight under ZeRO-3: all ranks must make the same
+        # number of calls, whatever their number of completion tokens.
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            t = torch.tensor([n_chunks], dtype=torch.long, device=hidden.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            n_chunks = int(t.item())
+    outs, sums = [], []
+    for start in (i * chunk_tokens for i in range(n_chunks)):
+        h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
+        if checkpoint:
+            lp, s = torch.utils.checkpoint.checkpoint(_chunk_logps, lm_head, softcap, h, y, use_reentrant=False)
+        else:
+            lp, s = _chunk_logps(lm_head, softcap, h, y)
+        outs.append(lp)
+        sums.append(s)
+    if not outs:
+        z = hidden.new_zeros(0, dtype=torch.float32)
+        return z, z
+    return torch.cat(outs), torch.cat(sums).detach()  # empty trailing chunks (equalised calls) add nothing
+
+
+def causal_lm_parts(model):
+    """(backbone, lm_head, softcap) of a HF causal LM, through DeepSpeed / DDP / PEFT wrappers."""
+    m = model
+    while hasattr(m, "module") and not hasattr(m, "get_output_embeddings"):
+        m = m.module  # DeepSpeedEngine / DDP
+    if hasattr(m, "get_base_model"):  # PeftModel
+        m = m.get_base_model()
+    backbone = m.get_decoder() if hasattr(m, "get_decoder") else getattr(m, "model", None)
+    lm_head = m.get_output_embeddings()
+    if backbone is None or lm_head is None:
+        raise TypeError(f"{type(m).__name__}: no decoder backbone / lm_head to compute chunked log-probs from")
+    cfg = getattr(m, "config", None)
+    softcap = getattr(getattr(cfg, "text_config", cfg), "final_logit_softcapping", None)
+    return backbone, lm_head, softcap
+
+
+@contextmanager
+def _capture_output(module):
+    box = {}
+
+    def hook(_mod, _inp, out):
+        box["hidden"] = out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield box
+    finally:
+        handle.remove()
+
+
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Run ``model`` (the wrapper, so DeepSpeed's forward bookkeeping runs) with no logits kept,
+    and return the backbone's last hidden state [B, T, H] (after the final norm)."""
+    backbone, _, _ = causal_lm_parts(model)
+    none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
+    with _capture_output(backbone) as box:
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none)
+    return box["hidden"]
+
+
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
+                   chunk_tokens: Optional[int] = None):
+    """Per-row sums of log p(token_t | tokens_<t) over positions t with ``loss_mask[t]`` (t ≥ 1).
+
+    Returns ``(logps [B] fp32, logit_sums [B] fp32, n_tokens [B])``; logit_sums is the sum of all
+    V logits over the counted positions (for TRL's mean-logits metrics).
+    """
+    _, lm_head, softcap = causal_lm_parts(model)
+    hidden = final_hidden_states(model, input_ids, attention_mask)
+    # Position t-1 predicts token t: count t where loss_mask[t] (t >= 1).
+    target = loss_mask[:, 1:].bool()
+    rows, cols = target.nonzero(as_tuple=True)
+    h = hidden[rows, cols]
+    labels = input_ids[rows, cols + 1]
+    lp, ls = token_logps(lm_head, h, labels, softcap=softcap, chunk_tokens=chunk_tokens)
+    B = input_ids.shape[0]
+    logps = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, lp)
+    sums = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, ls)
+    return logps, sums, target.sum(-1)
+
+
+def reference_sequence_logps(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
+    """Unchunked reference: full logits, log_softmax, gather (what TRL does). For tests."""
+    out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    logits = out.logits[:, :-1].float()
+    labels = input_ids[:, 1:]
+    lp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+    return (lp * loss_mask[:, 1:]).sum(-1)
+
+
+def build_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, *, max_length: Optional[int],
+               truncation_mode: str = "keep_end", pad_to: Optional[int] = None, pad_value: int = 0):
+    """TRL 0.22's row layout (concatenated_forward, decoder-only): prompt (left-padded) +
+    completion (right-padded), truncated to max_length, flushed left; then right-padded to
+    ``pad_to`` (a bucket length) when given. Right padding with attention 0 changes no
+    log-prob of a causal LM. Returns (input_ids, attention_mask, loss_mask)."""
+    from trl.trainer.utils import flush_left, flush_right
+
+    input_ids = torch.cat((prompt_ids, completion_ids), dim=1)
+    attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
+    loss_mask = torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1)
+    if max_length is not None and max_length < attention_mask.size(1):
+        if truncation_mode == "keep_start":
+            attention_mask, input_ids, loss_mask = flush_left(attention_mask, input_ids, loss_mask)
+            attention_mask, input_ids, loss_mask = (t[:, :max_length] for t in (attention_mask, input_ids, loss_mask))
+        elif truncation_mode == "keep_end":
+            attention_mask, input_ids, loss_mask = flush_right(attention_mask, input_ids, loss_mask)
+            attention_mask, input_ids, loss_mask = (t[:, -max_length:] for t in (attention_mask, input_ids, loss_mask))
+            attention_mask, input_ids, loss_mask = flush_left(attention_mask, input_ids, loss_mask)
+        else:
+            raise ValueError(f"unknown truncation mode {truncation_mode!r}")
+    else:
+        attention_mask, input_ids, loss_mask = flush_left(attention_mask, input_ids, loss_mask)
+    if pad_to is not None and pad_to > input_ids.shape[1]:
+        extra = pad_to - input_ids.shape[1]
+        input_ids = F.pad(input_ids, (0, extra), value=pad_value)
+        attention_mask = F.pad(attention_mask, (0, extra), value=0)
+        loss_mask = F.pad(loss_mask, (0, extra), value=0)
+    return input_ids, attention_mask, loss_mask
