@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from dpo_dist.args import ArgumentError, UserError, parse_args, validate
+from dpo_dist.args import ARG_DATACLASSES, ArgumentError, UserError, parse_args, validate
 from dpo_dist.logging_utils import setup_logging
 
 logger = logging.getLogger("dpo_dist")
@@ -523,24 +523,31 @@ def post_step(model_args, train_args) -> int:
     return rc
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def rank_main(prog: str, argv, dataclass_types, run_fn) -> int:
+    """The rank entry shared by dpo and sft: parse and check (exit 2, nothing created), run (exit 1 on a
+    user error; 2 for a bad argument found late), tear the process group down, then the merge post-step."""
     setup_logging()
     try:
-        model_args, data_args, train_args = parse_args(argv)
+        parsed = parse_args(argv, dataclass_types)
+        model_args, data_args, train_args = parsed[:3]
         validate(model_args, data_args, train_args)
         check_output_dir(train_args)
     except ArgumentError as e:
-        print(f"dpo_dist.dpo: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     try:
-        run(model_args, data_args, train_args)
+        run_fn(*parsed)
     except UserError as e:
         logger.error("%s", e)
-        print(f"dpo_dist.dpo: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         shutdown_distributed()
         return 2 if isinstance(e, ArgumentError) else 1
     shutdown_distributed()
     return post_step(model_args, train_args)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    return rank_main("dpo_dist.dpo", argv, ARG_DATACLASSES, run)
 
 
 def exit_now(code: int) -> None:

@@ -681,8 +681,6 @@ def _logits(model, batch):
 def verify_folder(folder: Path, *, reference_logits, saved_logits, batch, expected_params: int, expect_tied: bool,
                   dtype: str) -> dict:
     """Check the written folder; raise MergeError listing every failed check."""
-    import torch
-
     failures, result = [], {}
     files = _weight_files(folder)
     if not files:

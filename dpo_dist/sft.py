@@ -11,13 +11,11 @@ like a DPO run, and that folder is DPO's starting point (`sft_dpo_init_merged`).
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from dpo_dist.args import ARG_DATACLASSES, ArgumentError, UserError, parse_args, validate
-from dpo_dist.logging_utils import setup_logging
+from dpo_dist.args import ARG_DATACLASSES
 
 logger = logging.getLogger("dpo_dist.sft")
 
@@ -130,25 +128,12 @@ def _checkpoint(train_args):
 
 
 def main(argv=None) -> int:
-    from dpo_dist.dpo import check_output_dir, post_step, shutdown_distributed
+    from dpo_dist.dpo import rank_main
 
-    setup_logging()
-    try:
-        model_args, data_args, train_args, sft_args = parse_args(argv, ARG_DATACLASSES + (SFTArguments,))
-        validate(model_args, data_args, train_args)
-        check_output_dir(train_args)
-    except ArgumentError as e:
-        print(f"dpo_dist.sft: error: {e}", file=sys.stderr)
-        return 2
-    try:
-        run(model_args, data_args, train_args, sft_args)
-    except UserError as e:
-        print(f"dpo_dist.sft: error: {e}", file=sys.stderr)
-        shutdown_distributed()
-        return 1
-    shutdown_distributed()
-    return post_step(model_args, train_args)
+    return rank_main("dpo_dist.sft", argv, ARG_DATACLASSES + (SFTArguments,), run)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dpo_dist.dpo import exit_now
+
+    exit_now(main())

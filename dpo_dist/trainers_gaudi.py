@@ -79,7 +79,6 @@ tokenizer                         T tokenizer (0.9.6 name; passed on as processi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
