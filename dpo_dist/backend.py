@@ -98,3 +98,24 @@ def peak_memory_bytes(backend: Backend) -> int:
     # ru_maxrss is KiB on Linux, bytes on macOS.
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def cleanup_shm_buffers(port, rank=None, shm_dir: str = "/dev/shm") -> int:
+    """Remove DeepSpeed's CPU shared-memory all-reduce buffers of the run on `port` (one rank's, or all).
+
+    DeepSpeed's CPU backend leaves `deepspeed_allreduce_buffer_<n>_<addr>_<port>_<rank>` (69 MB each) in
+    /dev/shm even after a clean exit; a test suite or a bench then fills the tmpfs and gets OOM-killed.
+    Unlinking is safe once the process group is gone (a mapping that is still open keeps its memory).
+    Returns how many files were removed.
+    """
+    import glob
+
+    removed = 0
+    pattern = f"deepspeed_allreduce_buffer_*_{port}_{'*' if rank is None else rank}"
+    for path in glob.glob(os.path.join(shm_dir, pattern)):
+        try:
+            os.unlink(path)
+            removed += 1
+        except OSError:
+            pass
+    return removed

@@ -492,6 +492,10 @@ def shutdown_distributed() -> None:
             dist.destroy_process_group()
     except Exception:  # best effort at exit
         pass
+    if os.environ.get("DS_ACCELERATOR") == "cpu" and os.environ.get("MASTER_PORT"):
+        from dpo_dist.backend import cleanup_shm_buffers
+
+        cleanup_shm_buffers(os.environ["MASTER_PORT"], os.environ.get("LOCAL_RANK", "0"))
 
 
 def post_step(model_args, train_args) -> int:

@@ -162,6 +162,19 @@ def _free(model) -> None:
             pass
     del model
     gc.collect()
+    release_host_memory()
+
+
+def release_host_memory() -> None:
+    """Hand freed heap back to the OS (glibc malloc_trim). Without it the reference pass's
+    activations stay in this process's RSS and training allocates on top (measured on CPU: +2 GiB
+    per rank on the bench model)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: Optional[str] = None,
@@ -197,8 +210,8 @@ def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: O
     else:
         logger.info("reference cache miss: computing reference log-probs for %d + %d pairs -> %s",
                     len(train), len(evald) if evald is not None else 0, path)
-        # No gradients, no optimizer step: twice the training micro-batch fits the training budget.
-        bs = batch_size or 2 * trainer.args.per_device_train_batch_size
+        # The training micro-batch: its no-grad forward stays well inside the training peak.
+        bs = batch_size or trainer.args.per_device_train_batch_size
         ref = _load_reference(trainer, model_path, load_model)
         data = {}
         for name, ds in (("train", train), ("eval", evald)):

@@ -298,6 +298,10 @@ def cmd_train(argv) -> int:
     # The launcher binaries (deepspeed, torchrun) of this Python's environment come first.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     result = spawn(cmd.commands, env, log_path=run_dir / "launch.log")
+    if a.hardware == "cpu":  # ranks that were killed could not remove their shared-memory buffers
+        from dpo_dist.backend import cleanup_shm_buffers
+
+        cleanup_shm_buffers(a.master_port)
     if result.returncode != 0:
         print(f"launch: training failed: {result.failed or 'exit ' + str(result.returncode)}. Log: {run_dir / 'launch.log'}",
               file=sys.stderr)

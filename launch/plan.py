@@ -36,7 +36,8 @@ reference the policy's ZeRO-3 config), "replicated" pΨ, "adapter" and "precompu
 
 Activations (Korthikanti et al. 2022) per layer: s·b·h·(34 + 5·a·s/h) bytes at p = 2, with
 b = 2 × micro-batch (chosen + rejected). Fused SDPA (HPU FusedSDPA, CUDA flash/SDPA) drops
-the 5as²b term. Full recomputation keeps 2sbh per layer plus one layer's activations.
+the 5as²b term; on CPU it stays (torch's SDPA with a padding mask takes the math path; the bench
+model's measured peak matched only with it). Full recomputation keeps 2sbh per layer plus one layer's activations.
 
 Logits, n = b·s·V elements: the policy keeps its bf16 lm_head output (p), the fp32 cast
 optimum-habana / TRL 0.9.6 make (4) and log_softmax's fp32 output saved for backward (4);
@@ -341,7 +342,10 @@ def _memory(spec: ModelSpec, hw: Hardware, opts: PlanOptions, stage: int, offloa
 
     s, h, L = opts.max_length, spec.hidden_size, spec.num_hidden_layers
     b = 2 * micro_batch_size  # chosen + rejected
-    attn = 0.0 if opts.fused_attention else 5 * spec.num_attention_heads * s / h
+    # CPU: torch's SDPA with a padding mask runs the math path, which materialises the scores
+    # (measured on the bench model: activations ~2.2x the fused figure), so no fused attention there.
+    fused = opts.fused_attention and hw.name != "cpu"
+    attn = 0.0 if fused else 5 * spec.num_attention_heads * s / h
     layer = s * b * h * (34 + attn) * p / 2
     acts = (L * 2 * s * b * h * p / 2 + layer) if gradient_checkpointing else L * layer
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from dpo_dist.backend import cleanup_shm_buffers
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -51,6 +53,10 @@ def run_cmd(argv, *, timeout: float, env=None, cwd=None) -> subprocess.Completed
         os.killpg(proc.pid, signal.SIGKILL)
         out, _ = proc.communicate()
         pytest.fail(f"timed out after {timeout}s: {' '.join(map(str, argv))}\n{out[-4000:]}")
+    finally:
+        words = [str(a) for a in argv]
+        if "--master_port" in words:  # DeepSpeed's CPU all-reduce buffers of killed ranks stay in /dev/shm
+            cleanup_shm_buffers(words[words.index("--master_port") + 1])
     return subprocess.CompletedProcess(argv, proc.returncode, out, None)
 
 

@@ -111,3 +111,15 @@ def test_non_empty_output_dir_is_refused_and_kept(tmp_path):
                   timeout=120, env=cpu_env())
     assert res.returncode == 2 and "exists and is not empty" in res.stdout
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
+
+
+def test_cleanup_shm_buffers_removes_only_that_runs_files(tmp_path):
+    from dpo_dist.backend import cleanup_shm_buffers
+
+    names = ["deepspeed_allreduce_buffer_0_127.0.0.1_29601_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29601_1",
+             "deepspeed_allreduce_buffer_0_127.0.0.1_29602_0", "unrelated"]
+    for n in names:
+        (tmp_path / n).write_bytes(b"x")
+    assert cleanup_shm_buffers(29601, rank=1, shm_dir=str(tmp_path)) == 1
+    assert cleanup_shm_buffers(29601, shm_dir=str(tmp_path)) == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["deepspeed_allreduce_buffer_0_127.0.0.1_29602_0", "unrelated"]

@@ -1,0 +1,90 @@
+"""Chunked log-probs equal TRL-style unchunked ones (forward and gradients), Llama and Gemma 3."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dpo_dist.logprobs import build_rows, reference_sequence_logps, sequence_logps
+
+
+def _model(family, tok, softcap=None):
+    from dpo_dist.tiny import build_tiny_model
+
+    m = build_tiny_model(family, tok, size="tiny", seed=1)
+    if softcap is not None:
+        m.config.final_logit_softcapping = softcap
+    return m.eval()
+
+
+def _batch(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    B, P, C = 3, 7, 9
+    prompt = torch.randint(4, vocab, (B, P), generator=g)
+    pmask = torch.ones(B, P, dtype=torch.long)
+    pmask[0, :3] = 0  # left padding
+    comp = torch.randint(4, vocab, (B, C), generator=g)
+    cmask = torch.ones(B, C, dtype=torch.long)
+    cmask[1, 5:] = 0  # right padding
+    comp[cmask == 0] = 0
+    prompt[pmask == 0] = 0
+    return prompt, pmask, comp, cmask
+
+
+@pytest.mark.parametrize("family,softcap", [("llama", None), ("gemma3", None), ("gemma3", 3.0)])
+def test_chunked_equals_unchunked(tiny_assets, family, softcap):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
+    model = _model(family, tok, softcap)
+    ids, att, lm = build_rows(*_batch(len(tok)), max_length=14, pad_to=20)
+    assert ids.shape[1] == 20
+
+    ref = reference_sequence_logps(model, ids, att, lm)
+    ref.sum().backward()
+    g_ref = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+
+    got, logit_sums, ntok = sequence_logps(model, ids, att, lm, chunk_tokens=4)  # several chunks
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    got.sum().backward()
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, g_ref[n], atol=1e-5, rtol=1e-4, msg=n)
+    # Exact mean logits (TRL's metric) from the chunks.
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=att).logits[:, :-1].float()
+        mask = lm[:, 1:].bool()
+        torch.testing.assert_close(logit_sums.sum() / (ntok.sum() * logits.shape[-1]), logits[mask].mean(), atol=1e-5, rtol=1e-5)
+
+
+def test_right_padding_does_not_change_logps(tiny_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
+    model = _model("llama", tok)
+    batch = _batch(len(tok), seed=3)
+    with torch.no_grad():
+        a = sequence_logps(model, *build_rows(*batch, max_length=None))[0]
+        b = sequence_logps(model, *build_rows(*batch, max_length=None, pad_to=40))[0]
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_planner_counts_chunked_logits_and_reference_cache():
+    """launch/plan.py: chunked log-probs shrink the logits term (Gemma 3's 262k vocab), and with
+    reference_cache the auto choice may drop the reference (precomputed)."""
+    from launch.plan import HARDWARE, PlanOptions, estimate_memory, make_plan
+    from launch.specs import load_spec
+
+    s = load_spec("google/gemma-3-1b-it")
+    cuda = HARDWARE["cuda"]
+    full = estimate_memory(s, cuda, PlanOptions(chunked_logps=False), 0, "none", 4, False, "adapter")
+    chunked = estimate_memory(s, cuda, PlanOptions(chunked_logps=True), 0, "none", 4, False, "adapter")
+    assert chunked["logits"] < full["logits"] / 10
+    assert estimate_memory(s, cuda, PlanOptions(), 0, "none", 4, False, "adapter")["logits"] == chunked["logits"]
+    gaudi = HARDWARE["gaudi2"]  # GaudiDPOTrainer does not chunk: unchanged by default
+    assert estimate_memory(s, gaudi, PlanOptions(), 0, "none", 4, False, "adapter")["logits"] == pytest.approx(
+        estimate_memory(s, gaudi, PlanOptions(chunked_logps=False), 0, "none", 4, False, "adapter")["logits"])
+    tight = dict(cards=1, use_peft=False, card_memory_gib=24.0, zero_stage=0)
+    assert make_plan(s, cuda, PlanOptions(**tight)).reference == "replicated"
+    p = make_plan(s, cuda, PlanOptions(reference_cache=True, **tight))
+    assert p.reference in ("replicated", "precomputed") and p.fits
