@@ -68,4 +68,7 @@ def test_cache_equals_trl_hits_misses_and_same_first_loss(tiny_assets, tmp_path)
     live.train()
     second.train()
     loss = lambda tr: next(h["loss"] for h in tr.state.log_history if "loss" in h)  # noqa: E731
-    assert loss(second) == pytest.approx(loss(live), abs=1e-5)
+    # The logged loss is rounded to 4 decimals, and the cached sums may differ from the live ones by ~1e-2 nats
+    # (fp32, other batching: see above), which moves a loss of ln 2 by ~5e-4 at beta 0.1. A wrong cache (rows
+    # or tokens misaligned) moves it by whole tenths.
+    assert loss(second) == pytest.approx(loss(live), abs=1e-3)
