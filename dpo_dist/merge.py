@@ -462,21 +462,20 @@ def clean_stale(output: Path) -> list[str]:
     return actions
 
 
-def _fsync_tree(root: Path) -> None:
-    for p in sorted(root.rglob("*")):
-        if p.is_file():
-            with contextlib.suppress(OSError):
-                fd = os.open(str(p), os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+def _fsync(path: Path) -> None:
     with contextlib.suppress(OSError):
-        fd = os.open(str(root), os.O_RDONLY)
+        fd = os.open(str(path), os.O_RDONLY)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            _fsync(p)
+    _fsync(root)
 
 
 def _make_readable(root: Path) -> None:

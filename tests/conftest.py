@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -13,32 +12,9 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.backend import cleanup_shm_buffers
+from dpo_dist.testing_utils import ROOT, cpu_env, free_port  # noqa: F401 (re-exported to the tests)
 
-ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_env(**extra) -> dict:
-    env = dict(os.environ)
-    env.update(
-        DS_ACCELERATOR="cpu",
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        HF_HUB_OFFLINE="1",
-        HF_DATASETS_OFFLINE="1",
-        PYTHONPATH=str(ROOT) + os.pathsep + env.get("PYTHONPATH", ""),
-        # This venv's launchers and its ninja first: a second ninja elsewhere on PATH reads the other's
-        # build log as stale and rebuilds DeepSpeed's CPU comm op on every rank start.
-        PATH=os.path.dirname(PY) + os.pathsep + env.get("PATH", ""),
-    )
-    env.update({k: str(v) for k, v in extra.items()})
-    return env
 
 
 def run_cmd(argv, *, timeout: float, env=None, cwd=None) -> subprocess.CompletedProcess:
