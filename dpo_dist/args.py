@@ -148,6 +148,12 @@ class TrainArguments:
         metadata={"help": "Pad rows to at most K bucket lengths chosen from the data to minimise padding (static "
                   "shapes); 0 = off (TRL pads each batch to its longest row). 8 is a good value."},
     )
+    packing: bool = field(
+        default=False,
+        metadata={"help": "Run the chosen and rejected rows of a micro-batch as ONE packed row (position ids restart "
+                  "per row, attention stays inside each row), padded once to one of --length_buckets totals "
+                  "(cpu/cuda; like TRL's padding_free without flash-attention 2, and with static shapes)."},
+    )
     ref_cache_dir: Optional[str] = field(
         default=None,
         metadata={"help": "Where --reference precomputed keeps reference log-probs (default "
@@ -205,6 +211,14 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
             f"--dist_timeout must be a positive number of seconds (got {train_args.dist_timeout}); it bounds how long "
             "a collective waits for a rank that is gone (default 1800)."
         )
+    if train_args.packing and not train_args.chunked_logps:
+        raise ArgumentError("--packing needs --chunked_logps (on by default): drop --no_chunked_logps or --packing.")
+    if train_args.packing and model_args.attn_implementation not in (None, "sdpa", "eager"):
+        raise ArgumentError(f"--packing runs on sdpa or eager attention, not --attn_implementation "
+                            f"{model_args.attn_implementation}: drop one of the two flags.")
+    if train_args.length_buckets < 0:
+        raise ArgumentError(f"--length_buckets must be 0 (off) or a positive number of shapes (got "
+                            f"{train_args.length_buckets}); 8 is a good value.")
     if model_args.lora_r < 1 or model_args.lora_alpha < 1:
         raise ArgumentError("--lora_r and --lora_alpha must be positive integers.")
 

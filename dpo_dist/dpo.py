@@ -312,6 +312,8 @@ class RunRecorder:
         trainer = self.trainer
         batch = next(iter(trainer.get_eval_dataloader()))
         batch = trainer._prepare_inputs(batch)
+        if "ref_chosen_logps" in batch:  # --reference precomputed: the cached log-probs the loss uses
+            return {k: batch[f"ref_{k}_logps"].float().cpu().tolist() for k in ("chosen", "rejected")}
         # trl 0.22 names it compute_ref_log_probs; trl 0.9.6 (Gaudi) compute_reference_log_probs.
         compute = getattr(trainer, "compute_ref_log_probs", None) or trainer.compute_reference_log_probs
         chosen, rejected = compute(batch)
@@ -388,6 +390,7 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
         "padding_fraction": (1.0 - tokens / fed) if fed else None,
         "length_buckets": list(getattr(trainer, "dpodist_buckets", None) or []),
         "chunked_logps": bool(getattr(trainer, "dpodist_chunked_logps", False)),
+        "packing": bool(getattr(trainer, "dpodist_packing", False)),
         "reference_cache": getattr(trainer, "dpodist_ref_cache", None),
         "peak_memory_gib_per_rank_max": peak / 2**30,
         "train_seconds": recorder.train_seconds,
@@ -440,10 +443,12 @@ def run(model_args, data_args, train_args) -> dict:
 
     set_seed(train_args.seed)
     rss_before_model = current_rss_bytes()  # the process before any model: baseline for the planner check
-    model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=setup.model_load_kwargs)
+    load = lambda: load_model(model_args, device=backend.device, bf16=train_args.bf16,  # noqa: E731
+                              extra_kwargs=setup.model_load_kwargs, packing=train_args.packing)
+    model, family = load()
     ref_model = None
     if setup.reference in ("sharded", "replicated"):
-        ref_model, _ = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=setup.model_load_kwargs)
+        ref_model, _ = load()
     peft_config = lora_config(model_args, family) if model_args.use_peft else None
     if train_args.gradient_checkpointing:
         model.config.use_cache = False
@@ -454,8 +459,7 @@ def run(model_args, data_args, train_args) -> dict:
         setup, model_args=model_args, data_args=data_args, train_args=train_args, model=model, ref_model=ref_model,
         tokenizer=tokenizer, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
         callbacks=[recorder.callback],
-        load_reference=lambda: load_model(model_args, device=backend.device, bf16=train_args.bf16,
-                                          extra_kwargs=setup.model_load_kwargs)[0],
+        load_reference=lambda: load()[0],
     )
     recorder.trainer = trainer
 

@@ -121,35 +121,50 @@ def _capture_output(module):
         handle.remove()
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs) -> torch.Tensor:
     """Run ``model`` (the wrapper, so DeepSpeed's forward bookkeeping runs) with no logits kept,
     and return the backbone's last hidden state [B, T, H] (after the final norm)."""
     backbone, _, _ = causal_lm_parts(model)
     none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     with _capture_output(backbone) as box:
-        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none)
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none, **forward_kwargs)
     return box["hidden"]
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
-                   chunk_tokens: Optional[int] = None):
-    """Per-row sums of log p(token_t | tokens_<t) over positions t with ``loss_mask[t]`` (t ≥ 1).
+                   chunk_tokens: Optional[int] = None, seq_ids: Optional[torch.Tensor] = None,
+                   n_seqs: Optional[int] = None, **forward_kwargs):
+    """Per-sequence sums of log p(token_t | tokens_<t) over positions t with ``loss_mask[t]`` (t ≥ 1).
 
-    Returns ``(logps [B] fp32, logit_sums [B] fp32, n_tokens [B])``; logit_sums is the sum of all
+    A sequence is a row, or with ``seq_ids`` [B, T] (packed rows: dpo_dist/packing.py) the tokens
+    of one id, ``n_seqs`` of them. ``forward_kwargs`` go to the model (position ids, row bounds).
+    Returns ``(logps [n] fp32, logit_sums [n] fp32, n_tokens [n])``; logit_sums is the sum of all
     V logits over the counted positions (for TRL's mean-logits metrics).
     """
     _, lm_head, softcap = causal_lm_parts(model)
-    hidden = final_hidden_states(model, input_ids, attention_mask)
+    hidden = final_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
     # Position t-1 predicts token t: count t where loss_mask[t] (t >= 1).
     target = loss_mask[:, 1:].bool()
     rows, cols = target.nonzero(as_tuple=True)
     h = hidden[rows, cols]
     labels = input_ids[rows, cols + 1]
     lp, ls = token_logps(lm_head, h, labels, softcap=softcap, chunk_tokens=chunk_tokens)
-    B = input_ids.shape[0]
-    logps = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, lp)
-    sums = torch.zeros(B, dtype=torch.float32, device=input_ids.device).index_add(0, rows, ls)
-    return logps, sums, target.sum(-1)
+    group = rows if seq_ids is None else seq_ids[rows, cols + 1]
+    n = input_ids.shape[0] if seq_ids is None else n_seqs
+    zeros = lambda dtype: torch.zeros(n, dtype=dtype, device=input_ids.device)  # noqa: E731
+    logps = zeros(torch.float32).index_add(0, group, lp)
+    sums = zeros(torch.float32).index_add(0, group, ls)
+    ntok = zeros(torch.long).index_add(0, group, torch.ones_like(group))
+    return logps, sums, ntok
+
+
+def packed_sequence_logps(model, packed: dict, *, chunk_tokens: Optional[int] = None):
+    """``sequence_logps`` over one packed row (``dpo_dist.packing.pack_rows``): per packed sequence."""
+    from dpo_dist.packing import CU_KEY
+
+    return sequence_logps(model, packed["input_ids"], packed["attention_mask"], packed["loss_mask"],
+                          chunk_tokens=chunk_tokens, seq_ids=packed["seq_ids"], n_seqs=packed["n_seqs"],
+                          position_ids=packed["position_ids"], **{CU_KEY: packed["cu_seqlens"]})
 
 
 def reference_sequence_logps(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:

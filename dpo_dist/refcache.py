@@ -95,7 +95,8 @@ def trainer_settings(trainer) -> dict:
     return dict(max_length=trainer.max_length, max_prompt_length=a.max_prompt_length,
                 max_completion_length=a.max_completion_length, truncation_mode=trainer.truncation_mode,
                 ipo="ipo" in trainer.loss_type, bf16=bool(a.bf16), fp16=bool(a.fp16),
-                chunked=bool(getattr(trainer, "dpodist_chunked_logps", False)))
+                chunked=bool(getattr(trainer, "dpodist_chunked_logps", False)),
+                packing=bool(getattr(trainer, "dpodist_packing", False)))
 
 
 def _dist():

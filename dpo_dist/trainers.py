@@ -4,9 +4,10 @@
 - HPU: optimum-habana's `GaudiDPOTrainer` (trl 0.9.6 keyword style), in `trainers_gaudi.py`.
 
 TRL does the DPO. What is hand-written here is small: the mapping of our arguments, the
-reference-strategy resolution, real-token counting for tokens/s, and the fix for the
-empty-param-group crash (DESIGN.md §6: LoRA + torch>=2.10 + DeepSpeed, fixed upstream in
-transformers after 4.55).
+reference-strategy resolution, real-token counting for tokens/s, the forward that shapes batches
+(chunked log-probs, per-row buckets or one packed row: logprobs.py, bucketing.py, packing.py),
+and the fix for the empty-param-group crash (DESIGN.md §6: LoRA + torch>=2.10 + DeepSpeed, fixed
+upstream in transformers after 4.55).
 """
 
 from __future__ import annotations
@@ -102,8 +103,9 @@ class DpoDistTrainerMixin:
     pairs_seen: int = 0
     fed_tokens_seen: int = 0  # real + padding tokens of the policy forwards (padding fraction)
     token_counter = staticmethod(count_real_tokens)
-    # Set by build_trainer (trl path): chunked log-probs, length buckets, reference from the cache.
+    # Set by build_trainer (trl path): chunked log-probs, packing, length buckets, reference from the cache.
     dpodist_chunked_logps: bool = False
+    dpodist_packing: bool = False
     dpodist_buckets: Optional[list] = None
     _dpodist_ref_cached_init: bool = False
 
@@ -128,7 +130,7 @@ class DpoDistTrainerMixin:
 
     def concatenated_forward(self, model, batch, is_ref_model: bool = False):
         if not self._dpodist_chunked_ok():
-            if "chosen_pad_to" in batch:
+            if "chosen_pad_to" in batch or "packed_pad_to" in batch:
                 raise RuntimeError("length buckets need the chunked forward (--chunked_logps); this configuration "
                                    "falls back to TRL's forward")
             return super().concatenated_forward(model, batch, is_ref_model=is_ref_model)
@@ -138,7 +140,15 @@ class DpoDistTrainerMixin:
 
         n = batch["prompt_input_ids"].shape[0]
         kw = dict(max_length=self.max_length, truncation_mode=self.truncation_mode, pad_value=self.padding_value)
-        if "chosen_pad_to" in batch:  # bucketed: chosen and rejected rows each padded to their own bucket
+        if self.dpodist_packing:  # all 2n rows in one packed row, padded once to its bucket total
+            from dpo_dist.logprobs import packed_sequence_logps
+            from dpo_dist.packing import pack_rows
+
+            rows = [build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
+                               batch[f"{key}_attention_mask"], **kw) for key in ("chosen", "rejected")]
+            pad_to = int(batch["packed_pad_to"]) if "packed_pad_to" in batch else None
+            logps, sums, ntok = packed_sequence_logps(model, pack_rows(rows, pad_to=pad_to, pad_value=self.padding_value))
+        elif "chosen_pad_to" in batch:  # bucketed: chosen and rejected rows each padded to their own bucket
             parts = []
             for key in ("chosen", "rejected"):
                 rows = build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
@@ -168,20 +178,58 @@ class DpoDistTrainerMixin:
             return super().get_train_dataloader()
         from torch.utils.data import DataLoader
 
-        from dpo_dist.bucketing import BucketBatchSampler, BucketCollator, pair_row_lengths
+        from dpo_dist.bucketing import BucketCollator
 
-        chosen, rejected = pair_row_lengths(self.train_dataset, self.max_length)
-        sampler = BucketBatchSampler(chosen, rejected, self.dpodist_buckets, self.args.per_device_train_batch_size,
-                                     num_replicas=self.args.world_size, rank=self.args.process_index,
-                                     seed=self.args.seed)
+        sampler = self._dpodist_sampler()
 
         class _Loader(DataLoader):
             def set_epoch(self, epoch):
                 sampler.set_epoch(epoch)
 
         return _Loader(self.train_dataset, batch_sampler=sampler,
-                       collate_fn=BucketCollator(self.data_collator, self.dpodist_buckets, self.max_length),
+                       collate_fn=BucketCollator(self.data_collator, self.dpodist_buckets, self.max_length,
+                                                 packed=self.dpodist_packing),
                        num_workers=self.args.dataloader_num_workers)
+
+    def _dpodist_sampler(self):
+        """This rank's batch sampler for --length_buckets: grouped by row bucket, or balanced packed totals."""
+        from dpo_dist.bucketing import BucketBatchSampler, PackedBatchSampler, pair_row_lengths
+
+        chosen, rejected = pair_row_lengths(self.train_dataset, self.max_length)
+        kw = dict(num_replicas=self.args.world_size, rank=self.args.process_index, seed=self.args.seed)
+        if self.dpodist_packing:
+            return PackedBatchSampler([c + r for c, r in zip(chosen, rejected)],
+                                      self.args.per_device_train_batch_size, **kw)
+        return BucketBatchSampler(chosen, rejected, self.dpodist_buckets, self.args.per_device_train_batch_size, **kw)
+
+    def _dpodist_epochs(self, batches_per_epoch: int) -> int:
+        """Epochs the run will draw batches from (the bucket totals must cover every one of them)."""
+        import math
+
+        a = self.args
+        if a.max_steps and a.max_steps > 0:
+            return max(1, math.ceil(a.max_steps * a.gradient_accumulation_steps / max(1, batches_per_epoch)))
+        return max(1, math.ceil(a.num_train_epochs))
+
+    def dpodist_choose_buckets(self, k: int) -> tuple[list, float]:
+        """(bucket lengths, padding fraction they give) for this run's data: row lengths, or with
+        packing the packed totals of every batch the sampler will form (all ranks, all epochs)."""
+        from dpo_dist.bucketing import choose_buckets, padding_fraction, pair_row_lengths
+
+        if self.dpodist_packing:
+            sampler = self._dpodist_sampler()
+            lengths = sampler.totals(self._dpodist_epochs(len(sampler)))
+        else:
+            chosen, rejected = pair_row_lengths(self.train_dataset, self.max_length)
+            lengths = chosen + rejected
+        buckets = choose_buckets(lengths, k)
+        return buckets, padding_fraction(lengths, buckets)
+
+    def dpodist_fed_tokens(self, inputs) -> int:
+        """Real + padding tokens the policy forward gets for this trl-0.22 batch."""
+        from dpo_dist.bucketing import fed_tokens
+
+        return fed_tokens(inputs, getattr(self, "max_length", None)) if "prompt_attention_mask" in inputs else 0
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -194,10 +242,7 @@ class DpoDistTrainerMixin:
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training:
             self.real_tokens_seen += self.token_counter(inputs)
-            if "prompt_attention_mask" in inputs:
-                from dpo_dist.bucketing import fed_tokens
-
-                self.fed_tokens_seen += fed_tokens(inputs, getattr(self, "max_length", None))
+            self.fed_tokens_seen += self.dpodist_fed_tokens(inputs)
             ids = inputs.get("chosen_input_ids")
             self.pairs_seen += int(ids.shape[0]) if ids is not None else 0
         return super().compute_loss(model, inputs, *args, **kwargs)
@@ -271,6 +316,10 @@ def build_training_setup(backend, model_args, data_args, train_args) -> Training
     if backend.trainer_api == "gaudi":
         from dpo_dist import trainers_gaudi
 
+        if getattr(train_args, "packing", False):
+            raise ArgumentError("--packing is for the cpu/cuda trainer (trl 0.22): optimum-habana's Gaudi attention "
+                                "does not take dpo-dist's varlen attention. Drop --packing on HPU.")
+
         args, gaudi_config = trainers_gaudi.build_gaudi_training_args(model_args, data_args, train_args)
         return TrainingSetup(
             "gaudi", args, zero_stage, reference, gaudi_config, trainers_gaudi.model_load_kwargs_gaudi(train_args)
@@ -295,8 +344,17 @@ def build_trainer(setup: TrainingSetup, *, model_args, data_args, train_args, mo
     from trl import DPOTrainer
 
     cached = setup.reference == "precomputed"
+    packing = bool(getattr(train_args, "packing", False))
+    if packing:
+        from dpo_dist.packing import packable
+
+        if not packable(model):
+            raise ArgumentError("--packing needs the model loaded with dpo-dist's varlen attention (dpo_dist.dpo does "
+                                "this unless --attn_implementation names another one): drop --attn_implementation "
+                                "or --packing.")
     cls = type("DpoDistDPOTrainer", (DpoDistTrainerMixin, DPOTrainer), {
         "dpodist_chunked_logps": bool(getattr(train_args, "chunked_logps", False)),
+        "dpodist_packing": packing,
         "_dpodist_ref_cached_init": cached,
     })
     trainer = cls(
@@ -311,16 +369,14 @@ def build_trainer(setup: TrainingSetup, *, model_args, data_args, train_args, mo
     )
     cls._dpodist_ref_cached_init = False  # only __init__'s checks see the cached reference as "no model needed"
     k = int(getattr(train_args, "length_buckets", 0) or 0)
+    if (k > 0 or packing) and not trainer._dpodist_chunked_ok():
+        raise ArgumentError("--length_buckets and --packing need --chunked_logps (on by default) and a plain "
+                            "sigmoid/ipo-style loss without rpo_alpha/ld_alpha/liger/padding_free.")
     if k > 0:
-        if not trainer._dpodist_chunked_ok():
-            raise ArgumentError("--length_buckets needs --chunked_logps (on by default) and a plain sigmoid/ipo-style "
-                                "loss without rpo_alpha/ld_alpha/liger/padding_free.")
-        from dpo_dist.bucketing import choose_buckets, padding_fraction, pair_row_lengths
-
-        chosen, rejected = pair_row_lengths(trainer.train_dataset, trainer.max_length)
-        trainer.dpodist_buckets = choose_buckets(chosen + rejected, k)
-        logger.info("length buckets (%d): %s; padding %.1f%% (rows padded to their bucket)", len(trainer.dpodist_buckets),
-                    trainer.dpodist_buckets, 100 * padding_fraction(chosen + rejected, trainer.dpodist_buckets))
+        trainer.dpodist_buckets, frac = trainer.dpodist_choose_buckets(k)
+        logger.info("length buckets (%d): %s; padding %.1f%% (%s)", len(trainer.dpodist_buckets),
+                    trainer.dpodist_buckets, 100 * frac,
+                    "packed batch totals padded to their bucket" if packing else "rows padded to their bucket")
     if cached:
         from dpo_dist.refcache import attach_reference_cache
 

@@ -58,5 +58,23 @@ def zero3_config(tmp_path_factory) -> Path:
     return path
 
 
+def bench_row_lengths(n: int = 1000, max_length: int = 1024) -> list[tuple[int, int]]:
+    """(chosen, rejected) row lengths (prompt + response + EOS) of the first n long-tailed bench pairs."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist.data import split_hh_transcript
+    from dpo_dist.tiny import ensure_bench_assets
+
+    a = ensure_bench_assets()
+    tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
+    rows = [json.loads(x) for x in open(a.train_file)][:n]
+    out = []
+    for i, r in enumerate(rows):
+        p, c, rj = split_hh_transcript(r["chosen"], r["rejected"], i)
+        n_p = len(tok(tok.bos_token + p, add_special_tokens=False)["input_ids"])
+        out.append(tuple(min(max_length, n_p + len(tok(x, add_special_tokens=False)["input_ids"]) + 1) for x in (c, rj)))
+    return out
+
+
 def read_json(path) -> dict:
     return json.loads(Path(path).read_text())

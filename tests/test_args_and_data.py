@@ -92,6 +92,10 @@ def test_yaml_recipe_defaults_and_cli_override(tmp_path):
         (["--model_name_or_path", "m", "--per_device_train_batch_size", "0"], "--per_device_train_batch_size must be a positive"),
         (["--model_name_or_path", "m", "--max_length", "64", "--max_prompt_length", "64"], "--max_prompt_length (64) must be smaller"),
         (["--model_name_or_path", "m", "--not_a_flag", "1"], "unknown arguments"),
+        (["--model_name_or_path", "m", "--packing", "--no_chunked_logps"], "--packing needs --chunked_logps"),
+        (["--model_name_or_path", "m", "--packing", "--attn_implementation", "flash_attention_2"],
+         "--packing runs on sdpa or eager attention, not --attn_implementation flash_attention_2"),
+        (["--model_name_or_path", "m", "--length_buckets", "-1"], "--length_buckets must be 0 (off) or a positive"),
     ],
 )
 def test_bad_arguments_exit_2_and_create_nothing(tmp_path, argv, needle):

@@ -31,32 +31,20 @@ def test_dp_is_optimal_vs_brute_force(seed):
 
 def test_padding_on_long_tail_bench_data():
     """The bench data (hh-rlhf-like, long-tailed): ≤ 10% padding with ≤ 8 shapes, per row."""
-    import json
+    from conftest import bench_row_lengths
 
-    from transformers import AutoTokenizer
-
-    from dpo_dist.data import split_hh_transcript
-    from dpo_dist.tiny import ensure_bench_assets
-
-    a = ensure_bench_assets()
-    tok = AutoTokenizer.from_pretrained(a.tokenizer_dir)
-    rows = [json.loads(x) for x in open(a.train_file)][:1000]
-    lengths = []
-    for i, r in enumerate(rows):
-        p, c, rj = split_hh_transcript(r["chosen"], r["rejected"], i)
-        n_p = len(tok(tok.bos_token + p, add_special_tokens=False)["input_ids"])
-        for comp in (c, rj):
-            lengths.append(min(1024, n_p + len(tok(comp, add_special_tokens=False)["input_ids"]) + 1))
+    pairs = bench_row_lengths(1000)
+    lengths = [x for pair in pairs for x in pair]
     buckets = choose_buckets(lengths, 8)
     frac = padding_fraction(lengths, buckets)
     assert len(buckets) <= 8
     # The DP is exact, so this is the least padding ANY 8 row lengths give on this data: ~18%.
-    # The issue's "<= 10% with <= 8 shapes" is out of reach for per-row padding here (it needs
-    # packing several short rows into one padded row); 16 buckets reach it.
+    # The issue's "<= 10% with <= 8 shapes" is out of reach for per-row padding here: packing the rows
+    # of a micro-batch into one padded row reaches it (tests/test_packing.py); 16 buckets do too.
     assert frac <= 0.19, (frac, buckets)
     assert padding_fraction(lengths, choose_buckets(lengths, 16)) <= 0.10
     # TRL's default (random batches of 8 pairs, every row padded to the batch's longest) pads far more.
-    order = list(range(len(rows)))
+    order = list(range(len(pairs)))
     random.Random(0).shuffle(order)
     fed = sum(16 * max(lengths[2 * i + j] for i in order[s:s + 8] for j in (0, 1)) for s in range(0, len(order), 8))
     assert 1 - sum(lengths) / fed > 2 * frac
