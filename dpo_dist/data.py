@@ -210,6 +210,25 @@ def token_lengths(ds, tokenizer):
     return ds.map(_lens, batched=True, desc="token lengths")
 
 
+def pair_token_stats(ds, tokenizer, *, max_length: int, max_prompt_length: int, max_completion_length: int,
+                     sample: int = 2000, seed: int = 0) -> tuple[float, int]:
+    """(mean, max) tokens per pair, chosen row + rejected row as the trainer truncates them, over at
+    most ``sample`` rows (seeded): what a packed micro-batch holds per pair (launch/plan.py). The
+    pairs ``ds`` has in all: ``len(ds)``."""
+    from dpo_dist.bucketing import row_lengths
+
+    if len(ds) > sample:
+        ds = ds.shuffle(seed=seed).select(range(sample))
+    m = token_lengths(ds, tokenizer)
+    pairs = []
+    for p, c, r in zip(m["prompt_len"], m["chosen_len"], m["rejected_len"]):
+        p = min(p, max_prompt_length)
+        pairs.append(sum(row_lengths(p, min(x, max_completion_length), max_length) for x in (c, r)))
+    if not pairs:
+        raise DataError("no rows to measure token lengths on")
+    return sum(pairs) / len(pairs), max(pairs)
+
+
 def apply_length_policy(ds, tokenizer, *, max_length: int, mode: str, split_name: str):
     """Count rows longer than max_length; drop them (mode 'drop') or leave them to the trainer's truncation.
 

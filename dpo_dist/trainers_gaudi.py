@@ -62,7 +62,10 @@ project argument                  optimum-habana 1.21.2 / trl 0.9.6
 --beta                            C beta
 --loss_type                       C loss_type (checked against LOSS_TYPES_GAUDI)
 --label_smoothing                 C label_smoothing
---max_length                      C max_length (GaudiDPOTrainer pads every pair to it)
+--max_length                      C max_length (GaudiDPOTrainer pads every pair to it, unless
+                                  --length_buckets: then GaudiBucketPadding pads to a bucket)
+--length_buckets K                GaudiBucketPadding (here): K bucket lengths chosen from the
+                                  tokenised rows; concatenated_inputs pads to the batch's bucket
 --max_prompt_length               C max_prompt_length
 --max_target_length               C max_target_length (trl 0.9.6 reads it only for
                                   encoder-decoder models; decoder-only responses are cut at
@@ -483,9 +486,69 @@ def build_gaudi_trainer(
         logger.info("Tokenizer has no pad token; using eos as pad (DPO collator needs one).")
         tokenizer.pad_token = tokenizer.eos_token
 
-    cls = GaudiDPOTrainer
+    bases = (GaudiBucketPadding, GaudiDPOTrainer)
     if trainer_cls_mixin is not None:
-        # trl 0.9.6 batches: chosen/rejected masks already include the prompt.
-        cls = type(GAUDI_TRAINER_CLASS_NAME, (trainer_cls_mixin, GaudiDPOTrainer),
-                   {"token_counter": staticmethod(count_real_tokens_gaudi)})
-    return cls(**kw)
+        bases = (trainer_cls_mixin, *bases)
+    # trl 0.9.6 batches: chosen/rejected masks already include the prompt.
+    cls = type(GAUDI_TRAINER_CLASS_NAME, bases, {"token_counter": staticmethod(count_real_tokens_gaudi),
+                                                 "dpodist_fed_tokens": gaudi_fed_tokens})
+    trainer = cls(**kw)
+    k = int(getattr(train_args, "length_buckets", 0) or 0)
+    if k > 0:  # GaudiDPOTrainer tokenised the rows in __init__ (trl 0.9.6 tokenize_row: prompt + response)
+        trainer.dpodist_pad_lengths, frac = gaudi_pad_lengths(trainer.train_dataset, k, trainer.max_length)
+        logger.info("length buckets (%d, HPU): %s; padding %.1f%% (rows padded to their bucket; max_length %d "
+                    "would pad %.1f%%)", len(trainer.dpodist_pad_lengths), trainer.dpodist_pad_lengths, 100 * frac,
+                    trainer.max_length, 100 * max_length_padding(trainer.train_dataset, trainer.max_length))
+    return trainer
+
+
+def _gaudi_row_lengths(dataset) -> list[int]:
+    return [len(x) for x in dataset["chosen_input_ids"]] + [len(x) for x in dataset["rejected_input_ids"]]
+
+
+def gaudi_pad_lengths(dataset, k: int, max_length: int) -> tuple[list[int], float]:
+    """(at most k bucket lengths, the padding they give) for a trl-0.9.6-tokenised dataset (full rows)."""
+    from dpo_dist.bucketing import choose_buckets, padding_fraction
+
+    lengths = [min(x, max_length) for x in _gaudi_row_lengths(dataset)]
+    buckets = choose_buckets(lengths, k)
+    return buckets, padding_fraction(lengths, buckets)
+
+
+def max_length_padding(dataset, max_length: int) -> float:
+    from dpo_dist.bucketing import padding_fraction
+
+    return padding_fraction([min(x, max_length) for x in _gaudi_row_lengths(dataset)], [max_length])
+
+
+class GaudiBucketPadding:
+    """Mixed in front of `GaudiDPOTrainer`: pad each batch to the smallest bucket length that holds its
+    longest row, instead of to `max_length`.
+
+    Hand-written override of one call: optimum-habana 1.21.2's `GaudiDPOTrainer.concatenated_forward`
+    calls `self.concatenated_inputs(batch, ..., padded_max_length=self.max_length)` and pads chosen and
+    rejected rows to that width (static shapes: one graph, but on long-tailed data mostly padding).
+    With K buckets (`gaudi_pad_lengths`) there are at most K shapes, so at most K graph compilations,
+    and far less padding. Without buckets it is the upstream call, unchanged.
+    """
+
+    dpodist_pad_lengths: Optional[list] = None
+
+    def concatenated_inputs(self, batch, **kwargs):
+        if self.dpodist_pad_lengths and kwargs.get("padded_max_length"):
+            kwargs["padded_max_length"] = bucket_pad_length(batch, self.dpodist_pad_lengths)
+        return super().concatenated_inputs(batch, **kwargs)
+
+
+def gaudi_fed_tokens(trainer, batch) -> int:
+    """Real + padding tokens of one trl-0.9.6 batch as GaudiDPOTrainer runs it: 2b rows of the padded width."""
+    width = bucket_pad_length(batch, trainer.dpodist_pad_lengths) if trainer.dpodist_pad_lengths else trainer.max_length
+    return 2 * int(batch["chosen_input_ids"].shape[0]) * width
+
+
+def bucket_pad_length(batch, buckets) -> int:
+    """Width a trl-0.9.6 batch is padded to: the bucket of its longest chosen/rejected row (never narrower)."""
+    from dpo_dist.bucketing import bucket_of
+
+    longest = max(int(batch["chosen_input_ids"].shape[1]), int(batch["rejected_input_ids"].shape[1]))
+    return max(longest, bucket_of(longest, buckets))

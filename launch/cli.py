@@ -1,6 +1,7 @@
 """`python -m launch` / `dpo-launch`: plan, train, doctor.
 
     python -m launch plan  --model meta-llama/Llama-3-70B --hardware gaudi2 --cards 8
+    python -m launch plan  --model M --hardware cpu --cards 2 -- --dataset_name DATA   (sized by DATA's lengths)
     python -m launch train --model M --hardware gaudi2 --cards 8 [--hostfile F] [--dry-run] [-- dpo.py args]
     python -m launch doctor [--hardware gaudi2] [--hostfile F]
 
@@ -41,6 +42,9 @@ class PlanArguments:
     zero_stage: Optional[int] = field(default=None, metadata={"help": "Force a ZeRO stage (0-3) instead of the planner's choice."})
     reference: str = field(default="auto", metadata={"help": "auto, adapter, sharded, replicated or precomputed.",
                                                       "choices": ["auto", "adapter", "sharded", "replicated", "precomputed"]})
+    pair_tokens: Optional[str] = field(default=None, metadata={
+        "help": "MEAN,MAX tokens per pair (chosen + rejected rows) of the training data, to size packed micro-batches "
+                "(cpu/cuda). Default: measured on the data named after `--` when it and the tokenizer are local."})
     json: bool = field(default=False, metadata={"help": "Print the plan as one JSON object."})
 
 
@@ -135,8 +139,8 @@ def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None,
     )
 
 
-def build_plan(a: PlanArguments):
-    """Pure: arguments → (spec, hosts, plan)."""
+def build_plan(a: PlanArguments, data=None):
+    """Pure: arguments (+ the data's DataShape, see data_shape_for) → (spec, hosts, plan)."""
     from launch.hostfile import parse_hostfile
     from launch.plan import HARDWARE, PlanOptions, make_plan
     from launch.specs import load_spec
@@ -156,16 +160,53 @@ def build_plan(a: PlanArguments):
     options = PlanOptions(
         cards=a.cards * nodes, nodes=nodes, max_length=a.max_length, max_prompt_length=a.max_prompt_length,
         use_peft=use_peft, card_memory_gib=a.card_memory_gib, reference=a.reference, zero_stage=a.zero_stage,
+        pair_tokens=data.pair_tokens if data else None, train_pairs=data.train_pairs if data else None,
+        packing=False if getattr(a, "task", "dpo") == "sft" else None,  # sft.py does not pack
     )
     return spec, hosts, make_plan(spec, hw, options)
+
+
+def data_shape_for(a: PlanArguments, extra: list[str]):
+    """(DataShape or None, note or None): --pair_tokens, else measured on local data (launch/datastats.py,
+    I/O). Gaudi does not pack: nothing to measure."""
+    from launch.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
+
+    if a.pair_tokens:
+        try:
+            return DataShape(parse_pair_tokens(a.pair_tokens)), f"data: --pair_tokens {a.pair_tokens}"
+        except ValueError as e:
+            raise LaunchError(str(e)) from None
+    if a.hardware.startswith("gaudi") or not a.model:
+        return None, None
+    return measure_pair_tokens(a.model, extra, max_length=a.max_length, max_prompt_length=a.max_prompt_length)
+
+
+def _plan_with_data(a: PlanArguments, extra: list[str]):
+    """build_plan with the data's token lengths, and a note on where they come from."""
+    import dataclasses
+
+    data, note = data_shape_for(a, extra)
+    spec, hosts, plan = build_plan(a, data)
+    if note and plan.packing:
+        plan = dataclasses.replace(plan, notes=(*plan.notes, note))
+    return spec, hosts, plan
+
+
+def _split_rank_args(argv: list[str]) -> tuple[list[str], list[str]]:
+    """(launcher arguments, dpo_dist arguments after a lone `--`)."""
+    if "--" in argv:
+        i = argv.index("--")
+        return argv[:i], argv[i + 1:]
+    return argv, []
 
 
 def cmd_plan(argv) -> int:
     from launch.plan import plan_to_dict
     from launch.report import render_plan_table
 
+    argv, extra = _split_rank_args(argv)
     a = _parse(PlanArguments, argv)
-    _, _, plan = build_plan(a)
+    _, _, plan = _plan_with_data(a, extra)
     if a.json:
         print(json.dumps(plan_to_dict(plan), indent=2))
     else:
@@ -197,6 +238,11 @@ def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path
         args.append("--gradient_checkpointing")
     if a.hardware != "cpu" and "--bf16" not in given:
         args.append("--bf16")
+    if a.task == "dpo":  # batch shaping of the DPO trainer (sft.py has its own)
+        if plan.length_buckets:
+            put("--length_buckets", plan.length_buckets)
+        if plan.packing and not given & {"--packing", "--attn_implementation"}:
+            args.append("--packing")
     return args + list(extra)
 
 
@@ -233,7 +279,7 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     from launch.plan import plan_to_dict
     from launch.report import render_plan_table
 
-    spec, hosts, plan = build_plan(a)
+    spec, hosts, plan = _plan_with_data(a, extra)
     plan = apply_batch_overrides(plan, extra)
     check_cards_available(a, hosts, environ)
     print(render_plan_table(plan))
@@ -281,11 +327,7 @@ def cmd_train(argv) -> int:
     from launch.command import format_command
     from launch.spawn import spawn
 
-    if "--" in argv:
-        i = argv.index("--")
-        argv, extra = argv[:i], argv[i + 1:]
-    else:
-        extra = []
+    argv, extra = _split_rank_args(argv)
     a = _parse(TrainArguments, argv)
     plan, cmd, run_dir = prepare_run(a, extra)
     print(f"run dir: {run_dir}")

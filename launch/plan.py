@@ -37,7 +37,8 @@ reference the policy's ZeRO-3 config), "replicated" pΨ, "adapter" and "precompu
 Activations (Korthikanti et al. 2022) per layer: s·b·h·(34 + 5·a·s/h) bytes at p = 2, with
 b = 2 × micro-batch (chosen + rejected). Fused SDPA (HPU FusedSDPA, CUDA flash/SDPA) drops
 the 5as²b term; on CPU it stays (torch's SDPA with a padding mask takes the math path; the bench
-model's measured peak matched only with it). Full recomputation keeps 2sbh per layer plus one layer's activations.
+model's measured peak matched only with it), except with dpo-dist's packing, where each row runs
+causal SDPA without a mask (the flash kernel). Full recomputation keeps 2sbh per layer plus one layer's activations.
 
 Logits, n = b·s·V elements: the policy keeps its bf16 lm_head output (p), the fp32 cast
 optimum-habana / TRL 0.9.6 make (4) and log_softmax's fp32 output saved for backward (4);
@@ -53,8 +54,18 @@ bf16 reference, max_length 1024, micro-batch 1, no gradient checkpointing, no De
 optimum-habana's non-fused attention: 87 GiB on Gaudi2 where the formulas give 44.7 GiB, so
 overhead = 87 / 44.7 − 1 ≈ 0.95. One point cannot separate a fixed runtime reserve from a
 proportional one; proportional is the conservative choice for large plans. The test
-``test_hpu_overhead_reproduces_measured_point`` pins it. CUDA/CPU overheads are rules of
-thumb (allocator fragmentation, context), not calibrated.
+``test_hpu_overhead_reproduces_measured_point`` pins it. The CUDA overhead is a rule of thumb
+(allocator fragmentation, context), not calibrated.
+
+CPU (peak RSS per rank) is CALIBRATED on the bench model (26M Llama, 2 ranks, ZeRO-3, full
+fine-tuning, packed, measured 2026-12-01 at micro-batch 2 / 8 / 16: 1.76 / 2.60 / 3.33-3.45 GiB):
+``runtime_gib`` = 0.53 (measured before any model loads: Python, torch, DeepSpeed, tokenizer,
+data), ``runtime_bytes_per_param`` = 28 (fitted: what does not scale with the micro-batch, about
+0.69 GiB here: the loader's full fp32 state dict, DeepSpeed's flat fp32 partitions and gathered
+parameters beyond the model-state formulas, resident after they are freed) and ``overhead`` = 30%
+of the formulas (glibc keeps freed pages, and packed rows change length every step, so peak RSS
+grows past the live peak: +0.5 GiB from step 1 to step 2 at micro-batch 16). Formulas + these:
+1.83 / 2.48 / 3.44 GiB, within 5%. Fitted at 2 ranks on one model: a reserve, not a law.
 
 Speed (``est_step_time_s`` / ``est_tokens_per_s``, used to rank plans that fit)
 -------------------------------------------------------------------------------
@@ -63,9 +74,10 @@ compute = hardware FLOPs / (peak · mfu · t/(t + 512)), t = tokens per card per
 policy forward; ZeRO-3 pays 10% for its hooks and exposes half of its all-gathers /
 reduce-scatters over the intra-node (one node) or inter-node link; offload pays the host
 link and CPU Adam, then 10% (optimizer) or 50% (optimizer+params) for host synchronisation;
-a precomputed reference moves its forward before training (cost-neutral) and pays 10% for
-the extra pass and its bookkeeping, so it is chosen only when it buys more than that
-(typically: when it is what makes a plan fit). ``Hardware.mfu`` for Gaudi2/Gaudi3 is
+a precomputed reference moves its forward before training (the same FLOPs in one epoch, without
+the per-micro-step all-gather of a sharded reference), and at equal speed the reference that
+holds less memory wins (``REFERENCE_PREFERENCE``): on the bench the cache's pass measured no
+slower than the in-loop reference it replaces (bench/README.md). ``Hardware.mfu`` for Gaudi2/Gaudi3 is
 calibrated on optimum-habana's published DPO baselines (llama-7b LoRA r8, max_length 1024, bs 1, GA 4,
 8 cards, DDP: 13.5 and 15.1 samples/s); CUDA/CPU values are uncalibrated guesses. The
 score ranks options; the absolute figure is an estimate.
@@ -88,7 +100,9 @@ TOKENS_HALF_EFFICIENCY = 512  # tokens per micro-step at which kernels reach hal
 ZERO3_HOOK_PENALTY = 1.10
 COMM_EXPOSED = 0.5
 CPU_ADAM_PARAMS_PER_S = 1e9  # DeepSpeed CPUAdam, per rank (rough)
-PRECOMPUTED_PENALTY = 1.10
+# Equal estimated speed: the reference that holds less memory wins (the cache also makes restarts and
+# sweeps over beta / lr on the same data skip the reference entirely).
+REFERENCE_PREFERENCE = ("adapter", "precomputed", "sharded", "replicated")
 # Offload also synchronises with the host and rarely reaches link speed; rough slowdowns
 # on top of the transfer and CPU-Adam time (ZeRO-Offload / ZeRO-Infinity experience).
 OFFLOAD_PENALTY = {"none": 1.0, "optimizer": 1.1, "optimizer+params": 1.5}
@@ -102,6 +116,8 @@ class Hardware:
     peak_bf16_tflops: float
     cards_per_node: int
     overhead: float  # fraction of the formula total added for runtime overhead
+    runtime_gib: float = 0.0  # fixed per-rank reserve (interpreter, libraries, data) outside the formulas
+    runtime_bytes_per_param: float = 0.0  # per-rank reserve per model parameter outside the formulas
     bf16: bool = True
     mfu: float = 0.4  # fraction of peak reached on large micro-batches
     intra_node_gbs: float = 100.0  # GB/s per card, collectives inside a node
@@ -131,10 +147,11 @@ HARDWARE: dict[str, Hardware] = {
         "cuda", 80.0, 989.0, 8, overhead=0.10, mfu=0.40,
         intra_node_gbs=450.0, inter_node_gbs=50.0, host_link_gbs=50.0, host_memory_gib=2048.0,
     ),
-    # CPU ranks (gloo): fp32, "card" memory is host RAM per rank (pass card_memory_gib), no
-    # offload; a host runs as many ranks as asked, so the per-node limit is loose.
+    # CPU ranks (gloo): fp32, "card" memory is host RAM per rank (peak RSS; pass card_memory_gib),
+    # no offload; a host runs as many ranks as asked, so the per-node limit is loose. Overhead and
+    # runtime reserve CALIBRATED on the bench (see the module docstring).
     "cpu": Hardware(
-        "cpu", 16.0, 1.0, 64, overhead=0.10, bf16=False, mfu=0.3,
+        "cpu", 16.0, 1.0, 64, overhead=0.30, bf16=False, mfu=0.3, runtime_gib=0.53, runtime_bytes_per_param=28.0,
         intra_node_gbs=10.0, inter_node_gbs=1.0, host_link_gbs=10.0, offload_supported=False,
     ),
 }
@@ -171,7 +188,22 @@ class PlanOptions:
     chunked_logps: bool | None = None
     # dpo-dist's reference log-prob cache (dpo_dist/refcache.py) is available: "auto" may then
     # pick "precomputed" (no reference model in memory during training, cache reused on resume).
-    reference_cache: bool = False
+    # None: on for cpu/cuda (the trl 0.22 path has the cache), off for Gaudi (GaudiDPOTrainer's own
+    # precompute refuses ZeRO-3).
+    reference_cache: bool | None = None
+    # dpo-dist's packing (dpo_dist/packing.py): a micro-batch's rows in one row, attention per row
+    # with torch's flash SDPA kernel (no score matrix kept, also on CPU). None: as chunked_logps.
+    packing: bool | None = None
+    # Padding shapes (dpo_dist/bucketing.py): rows (or, packed, micro-batch totals) padded to at most
+    # this many lengths chosen from the data (on Gaudi: trainers_gaudi.GaudiBucketPadding); 0 = off.
+    # Memory is planned for the largest shape, max_length (unpacked) or the largest packed total.
+    length_buckets: int = 8
+    # (mean, max) tokens per pair (chosen + rejected rows, truncated) of the training data, measured by
+    # the launcher (dpo_dist.data.pair_token_stats). Packed micro-batches are sized by them; None:
+    # the worst case, every row max_length tokens.
+    pair_tokens: tuple[float, float] | None = None
+    # Training pairs, when known: no micro-batch beyond this rank's share (it would repeat pairs).
+    train_pairs: int | None = None
 
     def __post_init__(self) -> None:
         if self.cards < 1:
@@ -196,6 +228,8 @@ class PlanOptions:
             raise ValueError(f"micro_batch_sizes must be positive, got {self.micro_batch_sizes}")
         if self.global_batch_size < 1 or self.lora_r < 1:
             raise ValueError("global_batch_size and lora_r must be >= 1")
+        if self.pair_tokens is not None and not 0 < self.pair_tokens[0] <= self.pair_tokens[1]:
+            raise ValueError(f"pair_tokens must be (mean, max) with 0 < mean <= max, got {self.pair_tokens}")
 
     @property
     def world_size(self) -> int:
@@ -248,6 +282,10 @@ class Plan:
     est_tokens_per_s: float
     notes: tuple[str, ...] = ()
     suggestion: Suggestion | None = None
+    # How batches are shaped (dpo_dist/bucketing.py, packing.py, logprobs.py); Gaudi: buckets only.
+    length_buckets: int = 0
+    packing: bool = False
+    chunked_logps: bool = False
 
     @property
     def global_batch_size(self) -> int:
@@ -342,12 +380,21 @@ def _memory(spec: ModelSpec, hw: Hardware, opts: PlanOptions, stage: int, offloa
 
     s, h, L = opts.max_length, spec.hidden_size, spec.num_hidden_layers
     b = 2 * micro_batch_size  # chosen + rejected
+    packed = _packing(hw, opts) and _chunked(hw, opts)
+    if packed:  # one row of the micro-batch's tokens: s·b becomes that row's length
+        s, b = packed_tokens(opts, micro_batch_size), 1
     # CPU: torch's SDPA with a padding mask runs the math path, which materialises the scores
-    # (measured on the bench model: activations ~2.2x the fused figure), so no fused attention there.
-    fused = opts.fused_attention and hw.name != "cpu"
+    # (measured on the bench model: activations ~2.2x the fused figure), so no fused attention there,
+    # unless packed: each row then runs causal SDPA without a mask, which takes the flash kernel.
+    fused = packed or opts.fused_attention and hw.name != "cpu"
     attn = 0.0 if fused else 5 * spec.num_attention_heads * s / h
-    layer = s * b * h * (34 + attn) * p / 2
-    acts = (L * 2 * s * b * h * p / 2 + layer) if gradient_checkpointing else L * layer
+    if packed:
+        layer = s * packed_layer_elements(spec) * p
+        outer = s * 3 * h * p  # embedding output and the final norm's saved tensors
+        acts = (L * s * h * p + layer + outer) if gradient_checkpointing else L * layer + outer
+    else:
+        layer = s * b * h * (34 + attn) * p / 2
+        acts = (L * 2 * s * b * h * p / 2 + layer) if gradient_checkpointing else L * layer
 
     n = b * s * spec.vocab_size
     cast = 4 if p == 2 else 0
@@ -365,13 +412,44 @@ def _memory(spec: ModelSpec, hw: Hardware, opts: PlanOptions, stage: int, offloa
 
     buffers = p * h * h * (2 + (0.9 if stage == 3 else 0.0))
     subtotal = params + grads + optim + ref + acts + logits + buffers
-    over = hw.overhead * subtotal
+    over = hw.overhead * subtotal + hw.runtime_gib * GIB + hw.runtime_bytes_per_param * spec.num_params
     g = lambda x: x / GIB  # noqa: E731
     return Memory(g(params), g(grads), g(optim), g(ref), g(acts), g(logits), g(buffers), g(over), g(subtotal + over))
 
 
 def _chunked(hw: Hardware, opts: PlanOptions) -> bool:
     return opts.chunked_logps if opts.chunked_logps is not None else not hw.name.startswith("gaudi")
+
+
+def packed_layer_elements(spec: ModelSpec) -> int:
+    """Elements one decoder layer keeps for backward per token in dpo-dist's packed forward (per-row
+    flash SDPA, no score matrix), counted from the HF modeling code rather than Korthikanti's GPT
+    figure (whose 4h GELU MLP undercounts a SwiGLU MLP): each RMSNorm its input and normalised
+    output (2h); the q/k/v and MLP projections their (shared) input (h each); SDPA q, k, v and its
+    output, o_proj its input (3q + 2kv); the gated MLP gate, activation, up and product (4i).
+    Gemma 3: four norms per layer, plus q_norm / k_norm over q and k (2q + 2kv)."""
+    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
+    norms = 4 * 2 * h + 2 * (q + kv) if spec.family == "gemma3" else 2 * 2 * h
+    return norms + 2 * h + 3 * q + 2 * kv + 4 * i
+
+
+def packed_tokens(opts: PlanOptions, micro_batch_size: int) -> float:
+    """Tokens of the largest packed micro-batch. dpo_dist.bucketing.PackedBatchSampler balances the
+    totals: the largest is about mb·mean + (max − mean)/mb (on the bench data, mb = 1..16, within 8% of
+    the measured one). Without data, the worst case: every row max_length."""
+    worst = 2 * micro_batch_size * opts.max_length
+    if opts.pair_tokens is None:
+        return worst
+    mean, mx = opts.pair_tokens
+    return min(worst, micro_batch_size * mean + (mx - mean) / micro_batch_size)
+
+
+def _packing(hw: Hardware, opts: PlanOptions) -> bool:
+    return opts.packing if opts.packing is not None else _chunked(hw, opts)
+
+
+def _reference_cache(hw: Hardware, opts: PlanOptions) -> bool:
+    return opts.reference_cache if opts.reference_cache is not None else not hw.name.startswith("gaudi")
 
 
 def _chunk_tokens(vocab_size: int) -> int:
@@ -461,8 +539,7 @@ def _step_time(spec: ModelSpec, hw: Hardware, opts: PlanOptions, nodes: int, sta
         step += 2 * p * trainable / N / host + trainable / N / CPU_ADAM_PARAMS_PER_S
     if offload == "optimizer+params":
         micro += COMM_EXPOSED * gathers * p * psi / N / host
-    total = (ga * micro + step) * OFFLOAD_PENALTY[offload]
-    return total * (PRECOMPUTED_PENALTY if reference == "precomputed" else 1.0)
+    return (ga * micro + step) * OFFLOAD_PENALTY[offload]
 
 
 # --------------------------------------------------------------------------- #
@@ -483,16 +560,16 @@ class _Candidate:
     tokens_per_s: float
 
 
-def _references(opts: PlanOptions, stage: int) -> tuple[str, ...]:
+def _references(hw: Hardware, opts: PlanOptions, stage: int) -> tuple[str, ...]:
     if opts.reference != "auto":
         wanted = (opts.reference,)
     # "precomputed" only when asked for, or with reference_cache (dpo-dist's cache frees the
     # reference during training, under any ZeRO stage): GaudiDPOTrainer refuses TRL's precompute
     # under ZeRO-3, and TRL's own precompute keeps the reference model in memory.
     elif opts.use_peft:
-        wanted = ("adapter", "precomputed") if opts.reference_cache else ("adapter",)
+        wanted = ("adapter", "precomputed") if _reference_cache(hw, opts) else ("adapter",)
     else:
-        wanted = ("sharded", "replicated", "precomputed") if opts.reference_cache else ("sharded", "replicated")
+        wanted = ("sharded", "replicated", "precomputed") if _reference_cache(hw, opts) else ("sharded", "replicated")
     # Under ZeRO-3 TRL shards a separate reference; under 0-2 it is replicated.
     return tuple(r for r in wanted if not (r == "sharded" and stage != 3 or r == "replicated" and stage == 3))
 
@@ -511,11 +588,13 @@ def _candidates(spec: ModelSpec, hw: Hardware, opts: PlanOptions) -> list[_Candi
     N, nodes = opts.cards, _nodes(hw, opts)
     # Keep the global batch near its target: no micro-batch beyond global_batch / N (but >= 1).
     mb_cap = max(1, opts.global_batch_size // N)
+    if opts.train_pairs:
+        mb_cap = min(mb_cap, max(1, -(-opts.train_pairs // N)))
     mbs = sorted({m for m in opts.micro_batch_sizes if m <= mb_cap} or {min(opts.micro_batch_sizes)})
     out = []
     for stage in STAGES if opts.zero_stage is None else (opts.zero_stage,):
         for offload in _offloads(hw, opts, stage):
-            for reference in _references(opts, stage):
+            for reference in _references(hw, opts, stage):
                 for gc in (False, True):
                     for mb in mbs:
                         mem = _memory(spec, hw, opts, stage, offload, mb, gc, reference)
@@ -551,7 +630,8 @@ def _host_budget_gib(hw: Hardware, opts: PlanOptions) -> float:
 
 def _speed_key(c: _Candidate):
     # Fastest first; ties go to the simpler plan (lower stage, no offload, no recompute).
-    return (-round(c.tokens_per_s, 3), c.stage, OFFLOADS.index(c.offload), c.gc, REFERENCES.index(c.reference), c.mb)
+    return (-round(c.tokens_per_s, 3), c.stage, OFFLOADS.index(c.offload), c.gc, REFERENCE_PREFERENCE.index(c.reference),
+            c.mb)
 
 
 def _best(spec: ModelSpec, hw: Hardware, opts: PlanOptions) -> tuple[bool, _Candidate]:
@@ -664,4 +744,7 @@ def make_plan(spec: ModelSpec, hardware: Hardware, options: PlanOptions) -> Plan
         est_tokens_per_s=round(c.tokens_per_s, 1),
         notes=_notes(spec, hardware, options, c, fits),
         suggestion=None if fits else _suggest(spec, hardware, options, c),
+        length_buckets=options.length_buckets,
+        packing=_packing(hardware, options) and _chunked(hardware, options),
+        chunked_logps=_chunked(hardware, options),
     )

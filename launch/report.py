@@ -9,6 +9,15 @@ from launch.plan import Plan
 _MEMORY_ROWS = ("params", "grads", "optimizer", "reference", "activations", "logits", "buffers", "overhead")
 
 
+def padding_text(plan: Plan) -> str:
+    if plan.packing:
+        shapes = f", padded to <= {plan.length_buckets} bucket totals" if plan.length_buckets else " (no padding)"
+        return "micro-batch packed into one row" + shapes
+    if plan.length_buckets:
+        return f"rows padded to <= {plan.length_buckets} bucket lengths (<= {plan.length_buckets} shapes)"
+    return "to max_length (GaudiDPOTrainer)" if plan.hardware.startswith("gaudi") else "to the longest row"
+
+
 def render_plan_table(plan: Plan, width: int = 100) -> str:
     """The plan as plain text: settings, per-card memory breakdown vs card memory, notes."""
     from rich.console import Console
@@ -31,6 +40,7 @@ def render_plan_table(plan: Plan, width: int = 100) -> str:
         ("global batch (pairs)", str(plan.global_batch_size)),
         ("gradient checkpointing", "on" if plan.gradient_checkpointing else "off"),
         ("max_length / max_prompt_length", f"{plan.max_length} / {plan.max_prompt_length}"),
+        ("padding", padding_text(plan)),
         ("est. step time", f"{plan.est_step_time_s:.2f} s"),
         ("est. throughput", f"{plan.est_tokens_per_s:,.0f} tokens/s"),
     ]

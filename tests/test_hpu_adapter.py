@@ -411,3 +411,71 @@ def test_inherited_values_validate_in_real_training_arguments(combo, monkeypatch
         from accelerate.state import AcceleratorState
 
         AcceleratorState._reset_state(reset_partial_state=True)
+
+
+# ------------------------------------------------------------------ length buckets on HPU
+
+
+def _upstream_concatenated_inputs():
+    """GaudiDPOTrainer.concatenated_inputs compiled from optimum-habana 1.21.2's own source (the class
+    cannot be imported without habana_frameworks), with trl's pad_to_length."""
+    from typing import Dict, List, Optional, Union
+
+    import torch
+    from trl.trainer.utils import pad_to_length
+
+    fn = next(n for n in _class(DPO_TRAINER_REL, "GaudiDPOTrainer").body
+              if isinstance(n, ast.FunctionDef) and n.name == "concatenated_inputs")
+    assert any(isinstance(d, ast.Name) and d.id == "staticmethod" for d in fn.decorator_list)
+    fn.decorator_list = []
+    ns = {"torch": torch, "pad_to_length": pad_to_length, "Dict": Dict, "List": List, "Optional": Optional,
+          "Union": Union}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), str(OH_ROOT / DPO_TRAINER_REL), "exec"), ns)
+    return ns["concatenated_inputs"]
+
+
+def test_gaudi_bucket_padding_overrides_the_max_length_pad():
+    """The upstream call pads every row to max_length; GaudiBucketPadding pads to the batch's bucket.
+    The upstream concatenated_forward passes padded_max_length=self.max_length (checked in its source)."""
+    import torch
+
+    from dpo_dist.trainers_gaudi import GaudiBucketPadding, gaudi_fed_tokens, gaudi_pad_lengths
+
+    fwd = next(n for n in _class(DPO_TRAINER_REL, "GaudiDPOTrainer").body
+               if isinstance(n, ast.FunctionDef) and n.name == "concatenated_forward")
+    call = next(n for n in ast.walk(fwd) if isinstance(n, ast.Call) and getattr(n.func, "attr", "") == "concatenated_inputs")
+    assert {k.arg: ast.unparse(k.value) for k in call.keywords}["padded_max_length"] == "self.max_length"
+
+    class Upstream:  # stands in for GaudiDPOTrainer: the real method, a staticmethod as upstream
+        concatenated_inputs = staticmethod(_upstream_concatenated_inputs())
+        max_length = 64
+
+    class Bucketed(GaudiBucketPadding, Upstream):
+        pass
+
+    def batch(c, r, n=2):
+        out = {}
+        for key, w in (("chosen", c), ("rejected", r)):
+            out[f"{key}_input_ids"] = torch.ones(n, w, dtype=torch.long)
+            out[f"{key}_attention_mask"] = torch.ones(n, w, dtype=torch.long)
+            out[f"{key}_labels"] = torch.ones(n, w, dtype=torch.long)
+        return out
+
+    kw = dict(label_pad_token_id=-100, padding_value=0, padded_max_length=64)
+    t = Bucketed()
+    assert t.concatenated_inputs(batch(10, 12), **kw)["concatenated_input_ids"].shape == (4, 64)  # upstream
+    t.dpodist_pad_lengths = [16, 32, 64]
+    out = t.concatenated_inputs(batch(10, 12), **kw)
+    assert out["concatenated_input_ids"].shape == (4, 16)
+    assert (out["concatenated_labels"][:, 12:] == -100).all() and (out["concatenated_attention_mask"][2:, 12:] == 0).all()
+    assert t.concatenated_inputs(batch(20, 9), **kw)["concatenated_input_ids"].shape == (4, 32)
+    assert gaudi_fed_tokens(t, batch(20, 9)) == 4 * 32
+    t.dpodist_pad_lengths = None
+    assert gaudi_fed_tokens(t, batch(20, 9)) == 4 * 64
+
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"chosen_input_ids": [[1] * n for n in (10, 30, 50, 12)],
+                            "rejected_input_ids": [[1] * n for n in (8, 20, 64, 11)]})
+    buckets, frac = gaudi_pad_lengths(ds, 3, 64)
+    assert len(buckets) == 3 and buckets[-1] == 64 and frac < 0.2

@@ -505,3 +505,50 @@ def test_batch_flags_after_double_dash_win_and_the_ds_config_follows(tmp_path):
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 12)
     with pytest.raises(cli.LaunchError, match="positive integer"):
         cli.apply_batch_overrides(plan, ["--per_device_train_batch_size", "0"])
+
+
+# --------------------------------------------------------------------------- #
+# Batch shaping the plan turns on (packing, buckets, the reference cache)
+# --------------------------------------------------------------------------- #
+
+def test_cpu_train_dry_run_packs_buckets_and_caches_by_default(capsys, tmp_path, tiny_assets):
+    """On cpu/cuda the plan packs micro-batches into <= 8 bucket totals, sized by the data's measured
+    tokens per pair, and takes the reference from the cache; the ranks get the flags."""
+    run_dir = tmp_path / "run"
+    rc, out = cli(capsys, "train", "--model", tiny_assets.llama_dir, "--hardware", "cpu", "--cards", "2", "--full",
+                  "--max_length", 256, "--max_prompt_length", 128, "--dry-run", "--run_dir", run_dir, "--",
+                  "--dataset_name", tiny_assets.data_dir, "--max_train_samples", 64)
+    assert rc == 0, out
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["packing"] and plan["length_buckets"] == 8 and plan["reference"] == "precomputed"
+    note = next(n for n in plan["notes"] if n.startswith("data: "))
+    assert "64 training pairs" in note and "tokens per pair on average" in note
+    assert plan["micro_batch_size"] <= 32  # 64 pairs over 2 ranks: no micro-batch repeats pairs
+    assert "micro-batch packed into one row, padded to <= 8 bucket totals" in out
+    argv = exec_argv(run_dir / "command.sh")
+    assert "--packing" in argv and value_after(argv, "--length_buckets") == "8"
+    assert value_after(argv, "--reference") == "precomputed"
+
+
+def test_packing_can_be_turned_off_after_the_dashes_and_gaudi_never_packs(capsys, tmp_path):
+    run_dir = tmp_path / "run"
+    rc, out = cli(capsys, "train", "--model", "google/gemma-3-270m", "--hardware", "cpu", "--cards", "1",
+                  "--dry-run", "--run_dir", run_dir, "--", "--attn_implementation", "eager", "--length_buckets", "0")
+    assert rc == 0, out
+    argv = exec_argv(run_dir / "command.sh")
+    assert "--packing" not in argv and value_after(argv, "--length_buckets") == "0"
+    note = next(n for n in json.loads((run_dir / "plan.json").read_text())["notes"] if n.startswith("token lengths"))
+    assert "not a local path" in note  # a hub dataset is not read by the launcher
+    rc, out = cli(capsys, "train", *LLAMA70, "--dry-run", "--run_dir", tmp_path / "g")
+    argv = exec_argv(tmp_path / "g" / "command.sh")
+    assert rc == 0 and "--packing" not in argv and value_after(argv, "--length_buckets") == "8"
+    assert "rows padded to <= 8 bucket lengths" in out
+
+
+def test_bad_pair_tokens_is_a_usage_error(capsys):
+    rc, out = cli(capsys, "plan", "--model", "google/gemma-3-270m", "--hardware", "cpu", "--cards", "1",
+                  "--pair_tokens", "lots")
+    assert rc == 2 and "--pair_tokens 'lots': expected MEAN,MAX" in out
+    rc, out = cli(capsys, "plan", "--model", "google/gemma-3-270m", "--hardware", "cpu", "--cards", "1",
+                  "--pair_tokens", "500,2000")
+    assert rc == 0 and "data: --pair_tokens 500,2000" in out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
@@ -32,13 +33,17 @@ def test_launch_train_cpu_two_cards_full_zero3(tmp_path, tiny_assets):
         assert (run / name).is_file(), name
     plan = read_json(run / "plan.json")
     ds = read_json(run / "ds_config.json")
-    assert plan["zero_stage"] == 3 and plan["world_size"] == 2 and plan["reference"] == "sharded"
+    # The plan's defaults on cpu: the reference from the log-prob cache, packed micro-batches in <= 8 shapes.
+    assert plan["zero_stage"] == 3 and plan["world_size"] == 2 and plan["reference"] == "precomputed"
+    assert plan["packing"] and plan["length_buckets"] == 8
     assert ds["zero_optimization"]["stage"] == 3
     assert ds["train_batch_size"] == plan["micro_batch_size"] * plan["gradient_accumulation_steps"] * 2
     assert "DPO plan: FITS" in res.stdout  # the plan table is shown before launch
 
     m = read_json(run / "output" / "training_metrics.json")
-    assert (m["world_size"], m["zero_stage"], m["reference"], m["steps"]) == (2, 3, "sharded", 10)
+    assert (m["world_size"], m["zero_stage"], m["reference"], m["steps"]) == (2, 3, "precomputed", 10)
+    assert m["packing"] and 1 <= len(m["length_buckets"]) <= 8
+    assert Path(m["reference_cache"]["path"]).is_file()  # the cache it trained from (a hit when an earlier run made it)
     assert m["last_train_loss"] < m["first_train_loss"]
     # The post-step merged and verified a loadable folder.
     merged = run / "output_merged"
