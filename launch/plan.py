@@ -36,9 +36,12 @@ reference the policy's ZeRO-3 config), "replicated" pΨ, "adapter" and "precompu
 
 Activations (Korthikanti et al. 2022) per layer: s·b·h·(34 + 5·a·s/h) bytes at p = 2, with
 b = 2 × micro-batch (chosen + rejected). Fused SDPA (HPU FusedSDPA, CUDA flash/SDPA) drops
-the 5as²b term; on CPU it stays (torch's SDPA with a padding mask takes the math path; the bench
-model's measured peak matched only with it), except with dpo-dist's packing, where each row runs
-causal SDPA without a mask (the flash kernel). Full recomputation keeps 2sbh per layer plus one layer's activations.
+the 5as²b term; on CPU unpacked plans keep it (the bench model's measured peak matched only with
+it, 2026-11; on 2026-12-01 torch 2.13's CPU SDPA was seen taking its flash kernel even with a
+mask, so the term more likely stands in for Korthikanti's undercount of a SwiGLU MLP: kept as a
+conservative figure, not re-measured). Packed plans use ``packed_layer_elements``, counted from
+the modeling code and checked against the bench. Full recomputation keeps 2sbh per layer plus one
+layer's activations.
 
 Logits, n = b·s·V elements: the policy keeps its bf16 lm_head output (p), the fp32 cast
 optimum-habana / TRL 0.9.6 make (4) and log_softmax's fp32 output saved for backward (4);
@@ -383,9 +386,7 @@ def _memory(spec: ModelSpec, hw: Hardware, opts: PlanOptions, stage: int, offloa
     packed = _packing(hw, opts) and _chunked(hw, opts)
     if packed:  # one row of the micro-batch's tokens: s·b becomes that row's length
         s, b = packed_tokens(opts, micro_batch_size), 1
-    # CPU: torch's SDPA with a padding mask runs the math path, which materialises the scores
-    # (measured on the bench model: activations ~2.2x the fused figure), so no fused attention there,
-    # unless packed: each row then runs causal SDPA without a mask, which takes the flash kernel.
+    # CPU, unpacked: the score term stays (see the module docstring); packed: the modeling-code count.
     fused = packed or opts.fused_attention and hw.name != "cpu"
     attn = 0.0 if fused else 5 * spec.num_attention_heads * s / h
     if packed:
