@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -58,6 +59,7 @@ def zero3_config(tmp_path_factory) -> Path:
     return path
 
 
+@functools.lru_cache(maxsize=None)
 def bench_row_lengths(n: int = 1000, max_length: int = 1024) -> list[tuple[int, int]]:
     """(chosen, rejected) row lengths (prompt + response + EOS) of the first n long-tailed bench pairs."""
     from transformers import AutoTokenizer

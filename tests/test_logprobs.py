@@ -69,9 +69,10 @@ def test_right_padding_does_not_change_logps(tiny_assets):
     torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_planner_counts_chunked_logits_and_reference_cache():
+def test_planner_counts_chunked_logits_and_reference_cache(monkeypatch):
     """launch/plan.py: chunked log-probs shrink the logits term (Gemma 3's 262k vocab), and with
     reference_cache the auto choice may drop the reference (precomputed)."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the built-in spec, without asking the hub
     from launch.plan import HARDWARE, PlanOptions, estimate_memory, make_plan
     from launch.specs import load_spec
 

@@ -140,7 +140,8 @@ def test_collator_pads_packed_batch_to_its_bucket_total():
     assert int(small["packed_pad_to"]) == 23  # beyond every bucket: its own length, never truncated
 
 
-def test_planner_sizes_packed_micro_batches_by_the_data():
+def test_planner_sizes_packed_micro_batches_by_the_data(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the built-in spec, without asking the hub
     from launch.plan import HARDWARE, PlanOptions, estimate_memory, make_plan, packed_tokens
     from launch.specs import load_spec
 
