@@ -140,20 +140,20 @@ class DpoDistTrainerMixin:
 
         n = batch["prompt_input_ids"].shape[0]
         kw = dict(max_length=self.max_length, truncation_mode=self.truncation_mode, pad_value=self.padding_value)
+
+        def key_rows(key, pad_to=None):  # the chosen (or rejected) rows: prompt + that completion
+            return build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
+                              batch[f"{key}_attention_mask"], pad_to=pad_to, **kw)
+
         if self.dpodist_packing:  # all 2n rows in one packed row, padded once to its bucket total
             from dpo_dist.logprobs import packed_sequence_logps
             from dpo_dist.packing import pack_rows
 
-            rows = [build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
-                               batch[f"{key}_attention_mask"], **kw) for key in ("chosen", "rejected")]
             pad_to = int(batch["packed_pad_to"]) if "packed_pad_to" in batch else None
-            logps, sums, ntok = packed_sequence_logps(model, pack_rows(rows, pad_to=pad_to, pad_value=self.padding_value))
+            packed = pack_rows([key_rows("chosen"), key_rows("rejected")], pad_to=pad_to, pad_value=self.padding_value)
+            logps, sums, ntok = packed_sequence_logps(model, packed)
         elif "chosen_pad_to" in batch:  # bucketed: chosen and rejected rows each padded to their own bucket
-            parts = []
-            for key in ("chosen", "rejected"):
-                rows = build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
-                                  batch[f"{key}_attention_mask"], pad_to=int(batch[f"{key}_pad_to"]), **kw)
-                parts.append(sequence_logps(model, *rows))
+            parts = [sequence_logps(model, *key_rows(key, int(batch[f"{key}_pad_to"]))) for key in ("chosen", "rejected")]
             logps, sums, ntok = (torch.cat(x) for x in zip(*parts))
         else:
             cat = self.concatenated_inputs(batch, padding_value=self.padding_value)
