@@ -2,10 +2,21 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-PY := $(VENV)/bin/python
 # torch goes in first and alone, so that no later requirement pulls a different (CUDA) build.
 TORCH_SPEC ?= torch==2.13.0
+# Inside the Habana image (it ships habana_frameworks and the Gaudi pins, see Dockerfile) make uses the image's
+# python and installs nothing: a .venv would hide habana_frameworks, and pip must never replace the image's torch.
+IN_GAUDI_IMAGE := $(shell $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('habana_frameworks') is None)" 2>/dev/null && echo 1)
+ifeq ($(IN_GAUDI_IMAGE),1)
+PY := $(PYTHON)
+STAMP :=
+else
+PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+endif
+# The Gaudi twin: optimum-habana's real code on CPU, with the Gaudi pins (tests; see README, "The Gaudi twin").
+TWIN_VENV := .venv-gaudi
+TWIN_STAMP := $(TWIN_VENV)/.installed
 
 HARDWARE ?= gaudi2
 CARDS ?= 8
@@ -14,8 +25,11 @@ DEMO_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
 export DS_BUILD_OPS := 0
-# The venv's tools (deepspeed, ninja) first, the same PATH the tests and the launcher use.
+# The venv's tools (deepspeed, ninja) first, the same PATH the tests and the launcher use (not in the Habana image,
+# where a host .venv mounted into the container must not shadow the image's own tools).
+ifneq ($(IN_GAUDI_IMAGE),1)
 export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
+endif
 export TOKENIZERS_PARALLELISM := false
 export HF_HUB_DISABLE_TELEMETRY := 1
 
@@ -24,7 +38,8 @@ NODE_CARDS ?= 8
 DRY := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,)
 LAUNCH := $(PY) -m launch
 
-.PHONY: help setup test demo clean plan train-1x train-8x train-multinode sanity bench build run require-model
+.PHONY: help setup setup-gaudi-twin test demo clean plan train-1x train-8x train-multinode sanity bench build run \
+	require-model gaudi-selfcheck
 
 help:
 	@echo "make demo                                  full pipeline on the built-in tiny model (2 CPU ranks, ZeRO-3)"
@@ -35,11 +50,13 @@ help:
 	@echo "make train-multinode HOSTFILE=f MODEL=m       several nodes from a DeepSpeed hostfile"
 	@echo "make build | make run HF_TOKEN=...         the Gaudi Docker image"
 	@echo "make bench                                 side-by-side benchmark against plain TRL"
+	@echo "make gaudi-selfcheck                       on a Gaudi node: doctor, short runs, figures -> selfcheck.md"
+	@echo "make setup-gaudi-twin                      the Gaudi twin venv (.venv-gaudi): optimum-habana on CPU, for tests"
 	@echo "Extra dpo_dist.dpo flags: ARGS='--learning_rate 1e-6 ...'"
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(VENV)/.installed: requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -50,9 +67,24 @@ $(STAMP): requirements.txt pyproject.toml
 	@# Build DeepSpeed's CPU comm op once, now, in one process: ranks that JIT-build it concurrently and get
 	@# killed (timeouts, the dying-rank tests) can leave a stale build lock that blocks every later CPU run.
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
-	@touch $(STAMP)
+	@touch $@
 
-test: $(STAMP)
+setup-gaudi-twin: $(TWIN_STAMP)
+
+# The Gaudi pins (requirements-gaudi.txt) on a CPU torch: the registry has no CPU build of the Habana image's
+# torch (2.10 with Intel Gaudi software 1.24), so the twin uses the same CPU torch as .venv. No DeepSpeed:
+# optimum-habana refuses any DeepSpeed but Habana's fork off an HPU, so the twin runs DDP plans (gaudi_spawn
+# --use_mpi, with Debian's Open MPI). habana_frameworks itself is a test-only stand-in (tests/support/habana_shim).
+$(TWIN_STAMP): requirements-gaudi.txt pyproject.toml
+	@test -x $(TWIN_VENV)/bin/python || $(PYTHON) -m venv $(TWIN_VENV)
+	$(TWIN_VENV)/bin/python -m pip install -q --upgrade pip
+	$(TWIN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(TWIN_VENV)/bin/python -m pip install -q -r requirements-gaudi.txt
+	$(TWIN_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	@.ci/openmpi_setup.sh
+	@touch $@
+
+test: $(STAMP) $(if $(IN_GAUDI_IMAGE),,$(TWIN_STAMP))
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: $(STAMP)
@@ -80,13 +112,19 @@ sanity: require-model $(STAMP)
 bench: $(STAMP)
 	$(PY) -m bench.run
 
+gaudi-selfcheck: $(STAMP)
+	$(PY) -m launch selfcheck $(if $(HARDWARE),--hardware $(HARDWARE),) $(if $(OUT_DIR),--out_dir "$(OUT_DIR)",)
+
 build:
 	docker build -t $(IMAGE) .
 
 run: export HF_TOKEN := $(HF_TOKEN)
 run:
 	@# The token reaches docker by name through the environment: never echoed, on a command line or in the image.
+	@# OMPI_MCA_btl_vader_single_copy_mechanism=none: Open MPI's shared-memory transport needs it in a container
+	@# (ZeRO-0 plans start their ranks with mpirun), as Habana's own docker run lines set it.
 	@docker run -it --rm --runtime=habana -e HABANA_VISIBLE_DEVICES=all -e HF_TOKEN \
+		-e OMPI_MCA_btl_vader_single_copy_mechanism=none \
 		--cap-add=sys_nice --net=host --ipc=host -v "$(CURDIR)":/workspace/dpo-dist $(IMAGE) bash
 
 clean:

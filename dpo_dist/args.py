@@ -1,9 +1,10 @@
 """The one argument set of dpo-dist's rank entry (`python -m dpo_dist.dpo`).
 
 Three dataclasses parsed with `transformers.HfArgumentParser`, in the style of TRL's
-`trl/scripts/dpo.py`. The names keep the seed scripts' contract (DESIGN.md §2); the
-trainer adapter (`dpo_dist.trainers`) maps them onto trl 0.22's `DPOConfig` on CPU/CUDA
-and onto optimum-habana's `GaudiDPOConfig` (trl 0.9.6 style) on HPU.
+`trl/scripts/dpo.py`. The names keep the contract of the seed scripts this project grew from
+(`dpo.py --model_name_or_path ... --beta ... --use_peft`); the trainer adapter (`dpo_dist.trainers`)
+maps them onto trl 0.22's `DPOConfig` on CPU/CUDA and onto optimum-habana's `GaudiDPOConfig`
+(trl 0.9.6 style) on HPU.
 
 Options can also come from a YAML recipe: `--config recipes/llama3-8b.yaml`; values given
 on the command line win over the recipe.
@@ -15,16 +16,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-# Loss types each trainer API accepts. trl 0.22 (CPU/CUDA) and trl 0.9.6 (the Gaudi image).
-LOSS_TYPES_TRL_022 = (
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_pair", "apo_zero", "apo_down", "discopop", "sft",
-)
-LOSS_TYPES_TRL_096 = (  # trl 0.9.6 removed kto_pair (its DPOConfig raises for it)
-    "sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard",
-    "aot", "aot_pair",
-)
-LOSS_TYPES = tuple(dict.fromkeys(LOSS_TYPES_TRL_022 + LOSS_TYPES_TRL_096))
+from dpo_dist.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
 
 # One name per concept: the same words the planner uses for where the reference lives.
 REFERENCE_STRATEGIES = ("auto", "adapter", "sharded", "replicated", "precomputed")
@@ -159,6 +151,12 @@ class TrainArguments:
         metadata={"help": "Where --reference precomputed keeps reference log-probs (default "
                   "$DPO_DIST_CACHE/refcache or .cache/dpo-dist/refcache)."},
     )
+    throughput_warmup_steps: int = field(
+        default=3,
+        metadata={"help": "Optimizer steps left out of the steady-state pairs/s and tokens/s (as optimum-habana's "
+                  "flag of the same name); steps that meet a new batch shape on a graph-compiling device are "
+                  "left out too."},
+    )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; leave it alone."})
     gaudi_config_name: Optional[str] = field(
         default=None, metadata={"help": "HPU only: GaudiConfig hub id or file (default: built in)."}
@@ -216,6 +214,8 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
     if train_args.packing and model_args.attn_implementation not in (None, "sdpa", "eager"):
         raise ArgumentError(f"--packing runs on sdpa or eager attention, not --attn_implementation "
                             f"{model_args.attn_implementation}: drop one of the two flags.")
+    if train_args.throughput_warmup_steps < 0:
+        raise ArgumentError(f"--throughput_warmup_steps must be 0 or more (got {train_args.throughput_warmup_steps}).")
     if train_args.length_buckets < 0:
         raise ArgumentError(f"--length_buckets must be 0 (off) or a positive number of shapes (got "
                             f"{train_args.length_buckets}); 8 is a good value.")

@@ -1,8 +1,16 @@
-"""The one place that tells hpu, cuda and cpu apart (DESIGN.md §1).
+"""The one place that tells hpu, cuda and cpu apart.
 
-Everything else asks this module: which device, which distributed backend, which
-DeepSpeed accelerator, which trainer API, how to read peak memory. Habana modules are
-imported only when the device is hpu.
+Everything else asks this module: which device, which distributed backend, which DeepSpeed
+accelerator, which trainer API, what the engine must do for the device (static shapes, how packed
+rows keep their attention apart, extra forward keywords), how to read peak memory and the rank.
+The differences are data in ``_BACKENDS``, one row per device. Habana modules are imported only
+when the device is hpu.
+
+The Gaudi twin (``DPO_DIST_HPU_TWIN=1``, a development aid): the HPU path (optimum-habana's
+``GaudiDPOTrainer``, ``GaudiConfig``, its model adaptation, the engine's static shapes and block
+masks) runs on CPU with gloo, so that optimum-habana's real code can be driven on a machine without
+a Gaudi. It needs a ``habana_frameworks`` stand-in on the path (tests/support/habana_shim) and the
+Gaudi pins (``make setup-gaudi-twin``); nothing else changes.
 """
 
 from __future__ import annotations
@@ -11,33 +19,56 @@ import importlib.util
 import os
 import resource
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 DEVICES = ("hpu", "cuda", "cpu")
+TWIN_ENV = "DPO_DIST_HPU_TWIN"
+
+# Set before Python starts on every HPU rank: lazy mode (the default became eager in SynapseAI 1.21, and
+# GaudiDPOTrainer runs lazy) and 64-bit integer support.
+HPU_ENV = {"PT_HPU_LAZY_MODE": "1", "PT_ENABLE_INT64_SUPPORT": "1"}
+# Habana's DeepSpeed user guide: "flags that should be set ... to handle Out of Memory issues in large models"
+# under ZeRO-3: cap lazy graphs at 1000 ops, let the memory pool take all of HBM, and sync ZeRO-3 with mark_step.
+HPU_ZERO3_ENV = {"PT_HPU_MAX_COMPOUND_OP_SIZE": "1000", "PT_HPU_POOL_MEM_ACQUIRE_PERC": "100",
+                 "DEEPSPEED_HPU_ZERO3_SYNC_MARK_STEP_REQUIRED": "1"}
 
 
 @dataclass(frozen=True)
 class Backend:
-    device: str  # hpu | cuda | cpu
+    device: str  # hpu | cuda | cpu: where tensors live
     dist_backend: str  # hccl | nccl | gloo
     ds_accelerator: str  # DS_ACCELERATOR value
     trainer_api: str  # "gaudi" (optimum-habana GaudiDPOTrainer, trl 0.9.6 style) | "trl" (trl 0.22 DPOTrainer)
+    # Graph-compiling device: every new tensor shape is a compile, so batches come in a few fixed shapes.
+    static_shapes: bool = False
+    # How packed rows keep attention apart (dpo_dist/packing.py): "varlen" (transformers' attention interface,
+    # per-row kernels) or "block_mask" (a 4D block-diagonal mask into the model's own attention code).
+    packing_attention: str = "varlen"
+    # Keywords for every model forward: optimum-habana's Gaudi attention takes FusedSDPA only when asked.
+    forward_kwargs: dict = field(default_factory=dict)
+    twin: bool = False  # the HPU path, run on CPU (see the module docstring)
 
     @property
     def env(self) -> dict[str, str]:
         """Environment a rank of this backend needs before Python starts (the launcher sets it too)."""
         env = {"DS_ACCELERATOR": self.ds_accelerator}
         if self.device == "hpu":
-            # The default became 0 in SynapseAI 1.21; GaudiDPOTrainer expects lazy mode.
-            env.update({"PT_HPU_LAZY_MODE": "1", "PT_ENABLE_INT64_SUPPORT": "1"})
+            env.update(HPU_ENV)
         return env
 
 
+_HPU_ENGINE = dict(static_shapes=True, packing_attention="block_mask", forward_kwargs={"use_flash_attention": True})
 _BACKENDS = {
-    "hpu": Backend("hpu", "hccl", "hpu", "gaudi"),
+    "hpu": Backend("hpu", "hccl", "hpu", "gaudi", **_HPU_ENGINE),
     "cuda": Backend("cuda", "nccl", "cuda", "trl"),
     "cpu": Backend("cpu", "gloo", "cpu", "trl"),
 }
+_TWIN = Backend("cpu", "gloo", "cpu", "gaudi", twin=True, **_HPU_ENGINE)
+
+
+def twin_requested(environ=None) -> bool:
+    env = os.environ if environ is None else environ
+    return env.get(TWIN_ENV, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _hpu_available() -> bool:
@@ -76,6 +107,9 @@ def detect_device(requested: str = "auto") -> str:
 
 
 def get_backend(requested: str = "auto") -> Backend:
+    """The backend for `requested`; with $DPO_DIST_HPU_TWIN set, a request for hpu (or auto) is the twin."""
+    if twin_requested() and requested in (None, "", "auto", "hpu"):
+        return _TWIN
     return _BACKENDS[detect_device(requested)]
 
 
@@ -83,6 +117,24 @@ def apply_env(backend: Backend) -> None:
     """Set the backend's variables for this process (no-op for those already set by a launcher)."""
     for key, value in backend.env.items():
         os.environ.setdefault(key, value)
+
+
+def _env_int(names, default: int) -> int:
+    for name in names:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return default
+
+
+def global_rank() -> int:
+    """This process's rank under any launcher: torchrun/DeepSpeed (RANK) or MPI (gaudi_spawn --use_mpi)."""
+    return _env_int(("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"), 0)
+
+
+def world_size() -> int:
+    """Ranks in the job under any launcher (see `global_rank`)."""
+    return _env_int(("WORLD_SIZE", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"), 1)
 
 
 def peak_memory_bytes(backend: Backend) -> int:

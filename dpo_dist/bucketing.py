@@ -11,7 +11,7 @@ histogram, so there are at most K shapes and little padding.
 - ``BucketBatchSampler``: seeded, deterministic per (seed, epoch) for resume, distributed:
   every rank gets the same number of batches, rank r takes batches r, r+W, ...
 - Rows: chosen and rejected rows of a pair are run as two forwards, each padded to its own
-  bucket (``chosen_pad_to`` / ``rejected_pad_to`` in the batch). One concatenated forward
+  bucket (``chosen_pad_to`` / ``rejected_pad_to`` in the batch, set by ``engine.EngineCollator``). One concatenated forward
   must pad the shorter (usually rejected) row to the longer one: on the bench data that alone
   is 14% padding, whatever the buckets. Right padding (attention 0) changes no log-prob.
 - Packed (``--packing``, dpo_dist/packing.py): the 2b rows of a batch run as ONE row, padded
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import bisect
 import random
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -216,30 +215,6 @@ class PackedBatchSampler:
             self.set_epoch(e)
             out += [sum(self.lengths[i] for i in b) for b in self.all_batches()]
         self.set_epoch(keep)
-        return out
-
-
-@dataclass
-class BucketCollator:
-    """Wrap TRL's ``DataCollatorForPreference``: add the bucket each row group is padded to."""
-
-    base: object
-    buckets: Sequence[int]
-    max_length: Optional[int]
-    packed: bool = False  # one packed row per batch (``packed_pad_to``), else one bucket per row group
-
-    def __call__(self, examples):
-        import torch
-
-        out = self.base(examples)
-        p = [len(e["prompt_input_ids"]) for e in examples]
-        c = [row_lengths(a, len(e["chosen_input_ids"]), self.max_length) for a, e in zip(p, examples)]
-        r = [row_lengths(a, len(e["rejected_input_ids"]), self.max_length) for a, e in zip(p, examples)]
-        if self.packed:
-            out["packed_pad_to"] = torch.tensor(max(sum(c) + sum(r), bucket_of(sum(c) + sum(r), self.buckets)))
-        else:
-            out["chosen_pad_to"] = torch.tensor(bucket_of(max(c), self.buckets))
-            out["rejected_pad_to"] = torch.tensor(bucket_of(max(r), self.buckets))
         return out
 
 

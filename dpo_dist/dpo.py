@@ -180,7 +180,9 @@ def resolve_checkpoint(train_args) -> Optional[str]:
     value = train_args.resume_from_checkpoint
     if not value:
         return None
-    world_size = int(os.environ.get("WORLD_SIZE", "1") or 1)
+    from dpo_dist.backend import world_size as launched_world_size
+
+    world_size = launched_world_size()
     deepspeed = bool(train_args.deepspeed)
     out = Path(train_args.output_dir)
     if value == "latest":
@@ -263,6 +265,13 @@ class RunRecorder:
         self.trainer = None
         self.t_train = None
         self.train_seconds = 0.0
+        # Steady-state throughput: optimizer steps after the warm-up that met no new batch shape (on a
+        # graph-compiling device a new shape is a compile, which is not training speed).
+        self.warmup_steps = 0
+        self.steady_seconds = 0.0
+        self.steady_pairs = 0
+        self.steady_tokens = 0
+        self._step = None
         self.diag: dict = {}
         self.loss_total: Optional[float] = None
         self.loss_step = 0
@@ -279,7 +288,12 @@ class RunRecorder:
                 recorder.loss_total = getattr(recorder.trainer, "_total_loss_scalar", None)
                 recorder.loss_step = state.global_step
 
+            def on_step_begin(self, args, state, control, **kw):
+                t = recorder.trainer
+                recorder._step = (time.perf_counter(), t.pairs_seen, t.real_tokens_seen, t.new_shape_steps)
+
             def on_step_end(self, args, state, control, **kw):
+                recorder.end_step(state.global_step)
                 if recorder.diagnostics and "shards" not in recorder.diag:
                     recorder.diag["shards"] = recorder.shards()
                 if recorder.stop_after_step is not None and state.global_step >= recorder.stop_after_step:
@@ -295,6 +309,17 @@ class RunRecorder:
                     recorder.diag["reference_logps_after"] = recorder.reference_logps()
 
         self.callback = _CB()
+
+    def end_step(self, step: int) -> None:
+        if self._step is None:
+            return
+        t0, pairs, tokens, new_shapes = self._step
+        t = self.trainer
+        if step > self.warmup_steps and t.new_shape_steps == new_shapes:
+            self.steady_seconds += time.perf_counter() - t0
+            self.steady_pairs += t.pairs_seen - pairs
+            self.steady_tokens += t.real_tokens_seen - tokens
+        self._step = None
 
     def record_loss(self, state, logs) -> None:
         """The Trainer logs round(sum / steps, 4), where sum (all-gathered mean over ranks) was just added to
@@ -312,11 +337,10 @@ class RunRecorder:
         trainer = self.trainer
         batch = next(iter(trainer.get_eval_dataloader()))
         batch = trainer._prepare_inputs(batch)
-        if "ref_chosen_logps" in batch:  # --reference precomputed: the cached log-probs the loss uses
-            return {k: batch[f"ref_{k}_logps"].float().cpu().tolist() for k in ("chosen", "rejected")}
-        # trl 0.22 names it compute_ref_log_probs; trl 0.9.6 (Gaudi) compute_reference_log_probs.
-        compute = getattr(trainer, "compute_ref_log_probs", None) or trainer.compute_reference_log_probs
-        chosen, rejected = compute(batch)
+        if trainer.dpodist_engine is not None:  # the cache, the adapter-off policy or the reference model
+            chosen, rejected = trainer.dpodist_reference_logps(batch)
+        else:
+            chosen, rejected = trainer.compute_ref_log_probs(batch)  # trl 0.22's own forward
         return {"chosen": chosen.float().cpu().tolist(), "rejected": rejected.float().cpu().tolist()}
 
     def shards(self) -> dict:
@@ -356,9 +380,10 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
     from dpo_dist.backend import peak_memory_bytes
 
     device = trainer.accelerator.device
-    pairs, tokens, fed = _dist_reduce(
-        [float(trainer.pairs_seen), float(trainer.real_tokens_seen), float(getattr(trainer, "fed_tokens_seen", 0))],
-        "sum", device)
+    pairs, tokens, fed, steady_pairs, steady_tokens = _dist_reduce(
+        [float(trainer.pairs_seen), float(trainer.real_tokens_seen), float(trainer.fed_tokens_seen),
+         float(recorder.steady_pairs), float(recorder.steady_tokens)], "sum", device)
+    (steady_secs,) = _dist_reduce([float(recorder.steady_seconds)], "max", device)
     (peak,) = _dist_reduce([float(peak_memory_bytes(backend))], "max", device)
     losses = train_losses(trainer.state.log_history)
     secs = max(recorder.train_seconds, 1e-9)
@@ -388,9 +413,18 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
         "real_tokens": int(tokens),
         "fed_tokens": int(fed),  # real + padding tokens of the policy forwards
         "padding_fraction": (1.0 - tokens / fed) if fed else None,
-        "length_buckets": list(getattr(trainer, "dpodist_buckets", None) or []),
-        "chunked_logps": bool(getattr(trainer, "dpodist_chunked_logps", False)),
-        "packing": bool(getattr(trainer, "dpodist_packing", False)),
+        # Steady state: after --throughput_warmup_steps, without the steps that met a new batch shape (a graph
+        # compile on HPU). None when no step qualifies.
+        "pairs_per_s_steady": steady_pairs / steady_secs if steady_secs > 0 else None,
+        "tokens_per_s_steady": steady_tokens / steady_secs if steady_secs > 0 else None,
+        "throughput_warmup_steps": recorder.warmup_steps,
+        "batch_shapes": len(trainer.shapes_seen) if trainer.shapes_seen is not None else None,
+        "length_buckets": list(trainer.dpodist_buckets or []),
+        "chunked_logps": trainer.dpodist_engine is not None and trainer.dpodist_engine.chunked,
+        "packing": trainer.dpodist_engine is not None and trainer.dpodist_engine.packing,
+        "packing_attention": trainer.dpodist_engine.packing_attention if trainer.dpodist_engine else None,
+        "static_shapes": backend.static_shapes,
+        "hpu_twin": backend.twin,
         "reference_cache": getattr(trainer, "dpodist_ref_cache", None),
         "peak_memory_gib_per_rank_max": peak / 2**30,
         "train_seconds": recorder.train_seconds,
@@ -443,8 +477,9 @@ def run(model_args, data_args, train_args) -> dict:
 
     set_seed(train_args.seed)
     rss_before_model = current_rss_bytes()  # the process before any model: baseline for the planner check
+    varlen = train_args.packing and backend.packing_attention == "varlen"
     load = lambda: load_model(model_args, device=backend.device, bf16=train_args.bf16,  # noqa: E731
-                              extra_kwargs=setup.model_load_kwargs, packing=train_args.packing)
+                              extra_kwargs=setup.model_load_kwargs, packing=varlen)
     model, family = load()
     ref_model = None
     if setup.reference in ("sharded", "replicated"):
@@ -454,9 +489,10 @@ def run(model_args, data_args, train_args) -> dict:
         model.config.use_cache = False
 
     recorder = RunRecorder(train_args.diagnostics)
-    set_seed(train_args.seed)  # PEFT creates the adapter inside the trainer: seed right before (DESIGN.md §6)
+    recorder.warmup_steps = train_args.throughput_warmup_steps
+    set_seed(train_args.seed)  # PEFT creates the adapter inside the trainer: seed right before it
     trainer = build_trainer(
-        setup, model_args=model_args, data_args=data_args, train_args=train_args, model=model, ref_model=ref_model,
+        setup, backend=backend, model_args=model_args, data_args=data_args, train_args=train_args, model=model, ref_model=ref_model,
         tokenizer=tokenizer, train_dataset=train, eval_dataset=held_out, peft_config=peft_config,
         callbacks=[recorder.callback],
         load_reference=lambda: load()[0],
@@ -511,7 +547,9 @@ def post_step(model_args, train_args) -> int:
     that already finished. It runs as a fresh process so no DeepSpeed/ZeRO state of training
     (zero.Init hooks, device memory) leaks into loading and verifying the merged model.
     """
-    if train_args.no_merge or int(os.environ.get("RANK", "0")) != 0:
+    from dpo_dist.backend import global_rank
+
+    if train_args.no_merge or global_rank() != 0:
         return 0
     import subprocess
 
@@ -522,7 +560,7 @@ def post_step(model_args, train_args) -> int:
         argv.append("--overwrite")
     env = {k: v for k, v in os.environ.items()
            if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                        "CROSS_RANK", "CROSS_SIZE")}
+                        "CROSS_RANK", "CROSS_SIZE") and not k.startswith(("OMPI_", "PMI_", "PMIX_"))}
     logger.info("post-step: merging %s into %s_merged", out, out)
     rc = subprocess.call(argv, env=env)
     if rc != 0:

@@ -14,6 +14,13 @@ The lm_head is called as a module (not through its weight), so DeepSpeed ZeRO-3'
 gather its partitioned weight for every call, including the recompute in backward. Gemma 3's
 ``final_logit_softcapping`` (``tanh(x / c) · c``) is applied per chunk, as the model would.
 
+Static shapes (``static=True``, for HPU graphs): picking the counted positions out of the batch
+gives a different number every step, so a static-shape device would compile a new graph each
+time. There, every position of the (bucket-padded) batch goes through lm_head in chunks of exactly
+``chunk_tokens`` rows (the last chunk padded), and positions that do not count are weighted 0.
+The shapes then depend only on the batch's padded shape, at the cost of the prompt positions'
+lm_head work (which TRL and optimum-habana pay anyway).
+
 ``mean_chosen_logits`` / ``mean_rejected_logits`` (TRL's logged metrics: the mean of the logits
 over the vocabulary at the completion positions) are computed exactly from the chunks, under
 ``no_grad``.
@@ -25,7 +32,6 @@ from contextlib import contextmanager
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 
 # Tokens per lm_head chunk: about 256 MiB of fp32 logits per chunk, at least 256 tokens.
 CHUNK_BYTES = 256 * 2**20
@@ -51,15 +57,17 @@ def _chunk_logps(lm_head, softcap: Optional[float], hidden: torch.Tensor, labels
 
 
 def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *, softcap: Optional[float] = None,
-                chunk_tokens: Optional[int] = None, checkpoint: Optional[bool] = None):
+                chunk_tokens: Optional[int] = None, checkpoint: Optional[bool] = None, static: bool = False):
     """Log-prob of ``labels`` [n] under ``softcap(lm_head(hidden))`` [n, V], chunked over n.
 
     Returns ``(logps [n] fp32, logit_sums [n] fp32 detached: the sum of the logits over V)``.
-    ``checkpoint`` (default: when grad is enabled) recomputes each chunk in backward.
+    ``checkpoint`` (default: when grad is enabled) recomputes each chunk in backward. ``static``: every
+    chunk has exactly ``chunk_tokens`` rows (the input is zero-padded to a multiple of it).
     """
     n = hidden.shape[0]
     if chunk_tokens is None:
         chunk_tokens = default_chunk_tokens(getattr(lm_head, "out_features", 0) or 262144)
+    chunk_tokens = max(1, min(chunk_tokens, n))  # never a chunk (static: a padded one) longer than the input
     weight = getattr(lm_head, "weight", None)
     zero3 = weight is not None and hasattr(weight, "ds_id")
     if checkpoint is None:
@@ -76,6 +84,10 @@ def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *, softcap:
             t = torch.tensor([n_chunks], dtype=torch.long, device=hidden.device)
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
             n_chunks = int(t.item())
+    if static and n_chunks * chunk_tokens > n:  # pad to whole chunks: every lm_head call has the same shape
+        extra = n_chunks * chunk_tokens - n
+        hidden = torch.cat([hidden, hidden.new_zeros(extra, hidden.shape[1])])
+        labels = torch.cat([labels, labels.new_zeros(extra)])
     outs, sums = [], []
     for start in (i * chunk_tokens for i in range(n_chunks)):
         h, y = hidden[start:start + chunk_tokens], labels[start:start + chunk_tokens]
@@ -88,7 +100,8 @@ def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *, softcap:
     if not outs:
         z = hidden.new_zeros(0, dtype=torch.float32)
         return z, z
-    return torch.cat(outs), torch.cat(sums).detach()  # empty trailing chunks (equalised calls) add nothing
+    # Empty trailing chunks (equalised calls) add nothing; static padding is cut off.
+    return torch.cat(outs)[:n], torch.cat(sums).detach()[:n]
 
 
 def causal_lm_parts(model):
@@ -131,40 +144,42 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Te
     return box["hidden"]
 
 
-def sequence_logps(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor, *,
+def sequence_logps(model, input_ids: torch.Tensor, attention_mask, loss_mask: torch.Tensor, *,
                    chunk_tokens: Optional[int] = None, seq_ids: Optional[torch.Tensor] = None,
-                   n_seqs: Optional[int] = None, **forward_kwargs):
+                   n_seqs: Optional[int] = None, static: bool = False, **forward_kwargs):
     """Per-sequence sums of log p(token_t | tokens_<t) over positions t with ``loss_mask[t]`` (t ≥ 1).
 
     A sequence is a row, or with ``seq_ids`` [B, T] (packed rows: dpo_dist/packing.py) the tokens
     of one id, ``n_seqs`` of them. ``forward_kwargs`` go to the model (position ids, row bounds).
     Returns ``(logps [n] fp32, logit_sums [n] fp32, n_tokens [n])``; logit_sums is the sum of all
-    V logits over the counted positions (for TRL's mean-logits metrics).
+    V logits over the counted positions (for TRL's mean-logits metrics). ``attention_mask`` is what the
+    model takes: [B, T], or a prepared 4D mask (dict) for packed rows. ``static``: see the module docstring.
     """
     _, lm_head, softcap = causal_lm_parts(model)
     hidden = final_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
-    # Position t-1 predicts token t: count t where loss_mask[t] (t >= 1).
-    target = loss_mask[:, 1:].bool()
-    rows, cols = target.nonzero(as_tuple=True)
-    h = hidden[rows, cols]
-    labels = input_ids[rows, cols + 1]
-    lp, ls = token_logps(lm_head, h, labels, softcap=softcap, chunk_tokens=chunk_tokens)
-    group = rows if seq_ids is None else seq_ids[rows, cols + 1]
     n = input_ids.shape[0] if seq_ids is None else n_seqs
     zeros = lambda dtype: torch.zeros(n, dtype=dtype, device=input_ids.device)  # noqa: E731
+    # Position t-1 predicts token t: count t where loss_mask[t] (t >= 1).
+    if static:
+        b, t = input_ids.shape
+        weight = loss_mask[:, 1:].reshape(-1)
+        rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, t - 1)
+        group = (rows if seq_ids is None else seq_ids[:, 1:]).reshape(-1)
+        lp, ls = token_logps(lm_head, hidden[:, :-1].reshape(b * (t - 1), -1), input_ids[:, 1:].reshape(-1),
+                             softcap=softcap, chunk_tokens=chunk_tokens, static=True)
+        keep = weight.to(lp.dtype)
+        lp, ls, count = lp * keep, ls * keep, weight.long()
+    else:
+        target = loss_mask[:, 1:].bool()
+        rows, cols = target.nonzero(as_tuple=True)
+        lp, ls = token_logps(lm_head, hidden[rows, cols], input_ids[rows, cols + 1], softcap=softcap,
+                             chunk_tokens=chunk_tokens)
+        group = rows if seq_ids is None else seq_ids[rows, cols + 1]
+        count = torch.ones_like(group)
     logps = zeros(torch.float32).index_add(0, group, lp)
     sums = zeros(torch.float32).index_add(0, group, ls)
-    ntok = zeros(torch.long).index_add(0, group, torch.ones_like(group))
+    ntok = zeros(torch.long).index_add(0, group, count)
     return logps, sums, ntok
-
-
-def packed_sequence_logps(model, packed: dict, *, chunk_tokens: Optional[int] = None):
-    """``sequence_logps`` over one packed row (``dpo_dist.packing.pack_rows``): per packed sequence."""
-    from dpo_dist.packing import CU_KEY
-
-    return sequence_logps(model, packed["input_ids"], packed["attention_mask"], packed["loss_mask"],
-                          chunk_tokens=chunk_tokens, seq_ids=packed["seq_ids"], n_seqs=packed["n_seqs"],
-                          position_ids=packed["position_ids"], **{CU_KEY: packed["cu_seqlens"]})
 
 
 def reference_sequence_logps(model, input_ids, attention_mask, loss_mask) -> torch.Tensor:
@@ -174,34 +189,3 @@ def reference_sequence_logps(model, input_ids, attention_mask, loss_mask) -> tor
     labels = input_ids[:, 1:]
     lp = torch.log_softmax(logits, -1).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
     return (lp * loss_mask[:, 1:]).sum(-1)
-
-
-def build_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, *, max_length: Optional[int],
-               truncation_mode: str = "keep_end", pad_to: Optional[int] = None, pad_value: int = 0):
-    """TRL 0.22's row layout (concatenated_forward, decoder-only): prompt (left-padded) +
-    completion (right-padded), truncated to max_length, flushed left; then right-padded to
-    ``pad_to`` (a bucket length) when given. Right padding with attention 0 changes no
-    log-prob of a causal LM. Returns (input_ids, attention_mask, loss_mask)."""
-    from trl.trainer.utils import flush_left, flush_right
-
-    input_ids = torch.cat((prompt_ids, completion_ids), dim=1)
-    attention_mask = torch.cat((prompt_mask, completion_mask), dim=1)
-    loss_mask = torch.cat((torch.zeros_like(prompt_mask), completion_mask), dim=1)
-    if max_length is not None and max_length < attention_mask.size(1):
-        if truncation_mode == "keep_start":
-            attention_mask, input_ids, loss_mask = flush_left(attention_mask, input_ids, loss_mask)
-            attention_mask, input_ids, loss_mask = (t[:, :max_length] for t in (attention_mask, input_ids, loss_mask))
-        elif truncation_mode == "keep_end":
-            attention_mask, input_ids, loss_mask = flush_right(attention_mask, input_ids, loss_mask)
-            attention_mask, input_ids, loss_mask = (t[:, -max_length:] for t in (attention_mask, input_ids, loss_mask))
-            attention_mask, input_ids, loss_mask = flush_left(attention_mask, input_ids, loss_mask)
-        else:
-            raise ValueError(f"unknown truncation mode {truncation_mode!r}")
-    else:
-        attention_mask, input_ids, loss_mask = flush_left(attention_mask, input_ids, loss_mask)
-    if pad_to is not None and pad_to > input_ids.shape[1]:
-        extra = pad_to - input_ids.shape[1]
-        input_ids = F.pad(input_ids, (0, extra), value=pad_value)
-        attention_mask = F.pad(attention_mask, (0, extra), value=0)
-        loss_mask = F.pad(loss_mask, (0, extra), value=0)
-    return input_ids, attention_mask, loss_mask

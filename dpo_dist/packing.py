@@ -18,6 +18,12 @@ shape (a recompile on static-shape devices). Here:
   without ``dpodist_cu_seqlens`` (generation, evaluation, the unpacked forwards) go to the
   model's usual sdpa/eager attention with the usual masks, registered under the same name.
   Gemma 3's sliding-window layers get a banded mask on rows longer than the window.
+- ``block_mask`` attention (``block_attention_mask``): for models that run their own attention and
+  ignore transformers' interface (optimum-habana's Gaudi models), the packed row gets a 4D mask in
+  which each position sees only the earlier positions of its own row (and, for sliding-window
+  layers, only the last ``window`` of them). Padding positions see only themselves, so no softmax
+  row is empty. The scores are computed for the whole T x T square: attention costs more than
+  ``varlen``, the padding saved does not change.
 
 The packed log-probs equal the unpacked ones (forward and gradients: tests/test_packing.py).
 """
@@ -28,6 +34,8 @@ import sys
 from typing import Optional
 
 import torch
+
+from dpo_dist.logprobs import causal_lm_parts
 
 VARLEN_PREFIX = "dpo_dist_varlen_"
 BASES = ("sdpa", "eager")
@@ -104,10 +112,82 @@ def register_varlen_attention() -> None:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS._global_mapping[base])
 
 
+def _segments(packed: dict, device):
+    """[1, T] row id of every position of a packed row; each padding position gets an id of its own."""
+    cu = packed["cu_seqlens"]
+    total = packed["input_ids"].shape[1]
+    lens = torch.tensor([e - s for s, e in zip(cu[:-1], cu[1:])], device=device)
+    seg = torch.repeat_interleave(torch.arange(len(lens), device=device), lens)
+    tail = total - cu[-1]
+    return torch.cat([seg, len(lens) + torch.arange(tail, device=device)])[None]
+
+
+def _row_segments(attention_mask):
+    """[B, T] segment ids of right-padded rows: 0 for a row's tokens, an id of its own for each padding position."""
+    t = attention_mask.shape[1]
+    own = 1 + torch.arange(t, device=attention_mask.device)[None].expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), torch.zeros_like(own), own)
+
+
+def block_attention_mask(seg, *, dtype, sliding_window: Optional[int] = None, additive: bool = False):
+    """[B, 1, T, T] mask from segment ids ``seg`` [B, T]: position q sees k when both have the same id and k <= q
+    (and, with ``sliding_window``, q - k < window, as transformers' sliding layers). ``additive``: 0 where allowed
+    and the dtype's minimum elsewhere (what attention adds to its scores); else 1 / 0 (what a model's own mask
+    preparation inverts)."""
+    pos = torch.arange(seg.shape[1], device=seg.device)
+    q, k = pos[:, None], pos[None, :]
+    allowed = (seg[:, :, None] == seg[:, None, :]) & (k <= q)
+    if sliding_window:
+        allowed &= (q - k) < sliding_window
+    allowed = allowed[:, None]
+    if additive:
+        return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
+    return allowed.to(dtype)
+
+
+def _sliding_window_of(model) -> Optional[int]:
+    """The sliding window of a model with sliding-window layers (Gemma 3), else None."""
+    cfg = causal_lm_parts(model)[0].config
+    return cfg.sliding_window if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) else None
+
+
+def _prepared_masks(model, seg):
+    """The mask a model with its own attention code takes for segment ids ``seg``: one prepared (additive) mask per
+    attention type for sliding-window models (``{"full_attention": ..., "sliding_attention": ...}``, the form
+    transformers' and optimum-habana's Gemma 3 accept), else a 1 / 0 mask."""
+    dtype = causal_lm_parts(model)[0].get_input_embeddings().weight.dtype
+    window = _sliding_window_of(model)
+    if window:
+        return {"full_attention": block_attention_mask(seg, dtype=dtype, additive=True),
+                "sliding_attention": block_attention_mask(seg, dtype=dtype, additive=True, sliding_window=window)}
+    return block_attention_mask(seg, dtype=dtype)
+
+
+def packed_model_inputs(model, packed: dict, attention: str = "varlen") -> tuple:
+    """(attention_mask, extra forward keywords) for one packed row.
+
+    ``varlen``: a plain mask plus the row bounds, which dpo-dist's registered attention reads. ``block_mask``:
+    the 4D block-diagonal mask instead, for models with their own attention code."""
+    kw = {"position_ids": packed["position_ids"]}
+    if attention == "varlen":
+        return packed["attention_mask"], {**kw, CU_KEY: packed["cu_seqlens"]}
+    if attention != "block_mask":
+        raise ValueError(f"packed attention must be varlen or block_mask, not {attention!r}")
+    return _prepared_masks(model, _segments(packed, packed["input_ids"].device)), kw
+
+
+def rows_attention_mask(model, attention_mask, attention: str = "varlen"):
+    """The mask to give ``model`` for right-padded rows. With ``block_mask`` (a model with its own attention code)
+    and sliding-window layers: the prepared masks with transformers' window (q - k < window). optimum-habana 1.21.2
+    builds Gemma 3's sliding mask with the older rule (q - k <= window: one key more), so its own mask would give
+    other log-probs than transformers' model (and than the packed rows) on rows longer than the window."""
+    if attention == "block_mask" and _sliding_window_of(model):
+        return _prepared_masks(model, _row_segments(attention_mask))
+    return attention_mask
+
+
 def packable(model) -> bool:
     """Whether ``model`` (any wrapper) was loaded with the varlen attention."""
-    from dpo_dist.logprobs import causal_lm_parts
-
     backbone = causal_lm_parts(model)[0]
     return base_of(getattr(backbone.config, "_attn_implementation", None)) is not None
 

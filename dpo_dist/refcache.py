@@ -1,23 +1,27 @@
 """Reference log-prob cache: one distributed pass before training, stored on disk, reused.
 
-``--reference precomputed`` on the trl-0.22 path (CPU/CUDA). TRL's own precompute refuses
-ZeRO-3 and keeps the reference model in memory; this does neither:
+``--reference precomputed``, on every backend. TRL's own precompute refuses ZeRO-3 and keeps the
+reference model in memory, and trl 0.9.6's (the Gaudi trainer's) reads the precomputed columns only
+when ``rpo_alpha`` is set, so it silently recomputes the reference from the live policy; this does
+none of that:
 
 1. Key = sha256 of (the reference weights: the model folder's ``*.safetensors`` / ``*.bin``
-   bytes; the tokenised train and eval data: their token ids; max_length, max_prompt_length,
-   max_completion_length, truncation mode, whether IPO length-normalises, dtype).
+   bytes; the tokenised train and eval data: their token ids; the engine's settings: max_length,
+   max_prompt_length, max_completion_length, truncation mode, length normalisation, how the
+   forward runs; dtype).
 2. Hit: ``<cache_dir>/<key>.pt`` exists → load it (log "reference cache hit").
 3. Miss: load a reference copy from the model path (the reference IS the initial policy: for
-   LoRA the adapter-off model equals the base weights), wrap it with TRL's ``prepare_deepspeed``
+   LoRA the adapter-off model equals the base weights), wrap it as the trainer wraps its own reference
    under DeepSpeed (ZeRO-3 shards it: every rank runs forward on its shard of the pairs; shards
    are padded to equal length so the all-gathers inside forward line up), gather the
    log-probs to every rank, rank 0 writes the file atomically, then the reference is deleted.
 4. The columns ``ref_chosen_logps`` / ``ref_rejected_logps`` are attached to the trainer's
-   datasets; TRL's ``get_batch_loss_metrics`` then takes them from the batch instead of running
-   a reference forward.
+   datasets; the engine's collator carries them into every batch, and the loss takes them from
+   there instead of running a reference forward.
 
-The log-probs come from the trainer's own ``concatenated_forward`` (chunked or TRL's), so
-they equal what a live reference would give for the same rows.
+The log-probs come from the trainer's own ``concatenated_forward`` (the engine's, or TRL's in the
+fallback), batched by the trainer's own collator, so they equal what a live reference would give
+for the same rows.
 """
 
 from __future__ import annotations
@@ -90,13 +94,21 @@ def cache_key(*, weights: str, train: str, eval_: Optional[str], settings: dict)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def trainer_settings(trainer) -> dict:
-    a = trainer.args
-    return dict(max_length=trainer.max_length, max_prompt_length=a.max_prompt_length,
-                max_completion_length=a.max_completion_length, truncation_mode=trainer.truncation_mode,
-                ipo="ipo" in trainer.loss_type, bf16=bool(a.bf16), fp16=bool(a.fp16),
-                chunked=bool(getattr(trainer, "dpodist_chunked_logps", False)),
-                packing=bool(getattr(trainer, "dpodist_packing", False)))
+def trainer_settings(trainer, bf16: bool) -> dict:
+    """What the cached log-probs depend on beside the weights and the token ids: the engine's row layout,
+    length normalisation, how they were computed (chunked, packed, static, attention keywords) and the dtype.
+    The trainer's fallback forward (no engine) is keyed by trl's own settings."""
+    e = getattr(trainer, "dpodist_engine", None)
+    if e is None:
+        a = trainer.args
+        return dict(engine=False, max_length=trainer.max_length, max_prompt_length=a.max_prompt_length,
+                    max_completion_length=a.max_completion_length, truncation_mode=trainer.truncation_mode,
+                    ipo="ipo" in trainer.loss_type, bf16=bf16)
+    return dict(engine=True, max_length=e.max_length, max_prompt_length=e.max_prompt_length,
+                max_completion_length=e.max_completion_length, truncation_mode=e.truncation_mode,
+                length_normalised=e.length_normalised, chunked=e.chunked, packing=e.packing,
+                packing_attention=e.packing_attention, static_shapes=e.static_shapes,
+                forward_kwargs=sorted(e.forward_kwargs.items()), bf16=bf16)
 
 
 def _dist():
@@ -144,11 +156,14 @@ def compute_logps(trainer, ref_model, dataset, batch_size: int) -> tuple[list[fl
     return c_all, r_all
 
 
-def _load_reference(trainer, model_path: str, load_model):
-    """A reference copy, wrapped for ZeRO-3 when DeepSpeed is on (inference engine, no optimizer)."""
-    model = load_model()
+def prepare_reference_model(trainer, model):
+    """A reference copy made ready the way the trainer prepares its own: a DeepSpeed inference engine under
+    DeepSpeed (ZeRO-3 shards it, no optimizer), else moved to the device."""
     if trainer.is_deepspeed_enabled:
-        from trl.models.utils import prepare_deepspeed
+        own = getattr(trainer, "_prepare_deepspeed", None)  # trl 0.9.6 (the Gaudi trainer) has it as a method
+        if own is not None:
+            return own(model)
+        from trl.models.utils import prepare_deepspeed  # trl 0.22
 
         return prepare_deepspeed(model, trainer.accelerator)
     return model.to(trainer.accelerator.device)
@@ -179,7 +194,7 @@ def release_host_memory() -> None:
 
 
 def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: Optional[str] = None,
-                           batch_size: Optional[int] = None) -> dict:
+                           batch_size: Optional[int] = None, bf16: bool = False) -> dict:
     """Attach cached (or freshly computed) reference log-probs to trainer.train/eval_dataset.
 
     ``load_model()`` returns a fresh reference model (only called on a miss). Returns
@@ -196,7 +211,7 @@ def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: O
     if isinstance(evald, dict):
         raise ValueError("reference cache: several eval datasets are not supported")
     key = cache_key(weights=weights_hash(model_path), train=data_hash(train),
-                    eval_=data_hash(evald) if evald is not None else None, settings=trainer_settings(trainer))
+                    eval_=data_hash(evald) if evald is not None else None, settings=trainer_settings(trainer, bf16))
     path = cache / f"{key}.pt"
     hit = path.is_file()
     if world > 1:  # all ranks must agree (a file appearing between checks would split them)
@@ -213,7 +228,7 @@ def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: O
                     len(train), len(evald) if evald is not None else 0, path)
         # The training micro-batch: its no-grad forward stays well inside the training peak.
         bs = batch_size or trainer.args.per_device_train_batch_size
-        ref = _load_reference(trainer, model_path, load_model)
+        ref = prepare_reference_model(trainer, load_model())
         data = {}
         for name, ds in (("train", train), ("eval", evald)):
             if ds is None:

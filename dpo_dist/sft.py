@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_dist.args import ARG_DATACLASSES
+from dpo_dist.engine import tokenize_pair
 
 logger = logging.getLogger("dpo_dist.sft")
 
@@ -30,12 +31,20 @@ class SFTArguments:
 
 
 def sft_rows(ds, eos: str):
-    """prompt/chosen/rejected → prompt/completion (loss on the response only) and text (HPU, trl 0.9.6)."""
-    return ds.map(
-        lambda r: {"prompt": r["prompt"], "completion": r["chosen"] + eos, "text": r["prompt"] + r["chosen"] + eos},
-        remove_columns=["chosen", "rejected"],
-        desc="sft rows",
-    )
+    """prompt/chosen/rejected → prompt/completion: trl 0.22's SFTTrainer puts the loss on the completion only."""
+    return ds.map(lambda r: {"prompt": r["prompt"], "completion": r["chosen"] + eos},
+                  remove_columns=["chosen", "rejected"], desc="sft rows")
+
+
+def sft_features(row: dict, tokenizer, max_len: int) -> dict:
+    """One tokenised SFT example with the loss on the response only (labels -100 on the prompt): the rows the
+    Gaudi trainer (trl 0.9.6, which would train on the whole text) gets. The engine's tokenisation, so the
+    response ends with EOS; a prompt too long for ``max_len`` keeps its end, as DPO's rows do."""
+    ids = tokenize_pair({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": ""}, tokenizer, None, max_len)
+    completion = ids["chosen_input_ids"]
+    prompt = ids["prompt_input_ids"][-(max_len - len(completion)):] if len(completion) < max_len else []
+    return {"input_ids": prompt + completion, "attention_mask": [1] * (len(prompt) + len(completion)),
+            "labels": [-100] * len(prompt) + completion}
 
 
 DPO_ONLY = {
@@ -68,14 +77,16 @@ def run(model_args, data_args, train_args, sft_args):
     max_len = sft_args.max_seq_length or train_args.max_length
     if backend.trainer_api == "gaudi":
         from optimum.habana import GaudiConfig  # noqa: PLC0415 (HPU only)
+        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # noqa: PLC0415
         from optimum.habana.trl import GaudiSFTConfig, GaudiSFTTrainer  # noqa: PLC0415
 
         from dpo_dist import trainers_gaudi
 
-        kw = trainers_gaudi.gaudi_training_args_kwargs(model_args, data_args, train_args)
+        adapt_transformers_to_gaudi()  # before any model loads (the twin's args do not call it)
+        kw = trainers_gaudi.gaudi_training_args_kwargs(model_args, data_args, train_args, reference="adapter",
+                                                       twin=backend.twin)
         kw = {k: v for k, v in kw.items() if k not in DPO_ONLY}
-        args = GaudiSFTConfig(**kw, max_seq_length=max_len, packing=False, dataset_text_field="text",
-                              remove_unused_columns=sft_args.remove_unused_columns)
+        args = GaudiSFTConfig(**kw, max_seq_length=max_len, packing=False, remove_unused_columns=False)
         gaudi_config = GaudiConfig(**trainers_gaudi.gaudi_config_kwargs(train_args))
         load_kwargs = trainers_gaudi.model_load_kwargs_gaudi(train_args)
     else:
@@ -83,26 +94,37 @@ def run(model_args, data_args, train_args, sft_args):
 
         kw = dpo_config_kwargs_common(train_args)
         args = SFTConfig(**kw, max_length=max_len, completion_only_loss=True, packing=False,
-                         remove_unused_columns=sft_args.remove_unused_columns, dataset_text_field="text")
+                         remove_unused_columns=sft_args.remove_unused_columns)
         load_kwargs = {}
 
     tokenizer = load_tokenizer(model_args)
     with args.main_process_first(desc="dataset"):
         train, held_out = load_preference_splits(data_args, train_args.seed)
-        train = sft_rows(with_bos(train, tokenizer), tokenizer.eos_token)
-        held_out = sft_rows(with_bos(held_out, tokenizer), tokenizer.eos_token)
+        train, held_out = with_bos(train, tokenizer), with_bos(held_out, tokenizer)
+        if backend.trainer_api == "gaudi":
+            cols = train.column_names
+            train = train.map(sft_features, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len}, remove_columns=cols,
+                              desc="sft features")
+            held_out = held_out.map(sft_features, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len},
+                                    remove_columns=cols, desc="sft features")
+        else:
+            train, held_out = sft_rows(train, tokenizer.eos_token), sft_rows(held_out, tokenizer.eos_token)
     set_seed(train_args.seed)
     model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=load_kwargs)
     peft_config = lora_config(model_args, family) if model_args.use_peft else None
     set_seed(train_args.seed)
     if backend.trainer_api == "gaudi":
-        trainer = GaudiSFTTrainer(model=model, args=args, gaudi_config=gaudi_config, train_dataset=train.remove_columns(["prompt", "completion"]),
-                                  eval_dataset=held_out.remove_columns(["prompt", "completion"]), tokenizer=tokenizer,
-                                  peft_config=peft_config, max_seq_length=max_len, dataset_text_field="text")
+        from transformers import DataCollatorForSeq2Seq
+
+        # Padded to max_len on a static-shape device: one graph, as GaudiSFTTrainer's own padding gives.
+        pad = dict(padding="max_length", max_length=max_len) if backend.static_shapes else {}
+        trainer = GaudiSFTTrainer(model=model, args=args, gaudi_config=gaudi_config, train_dataset=train,
+                                  eval_dataset=held_out, tokenizer=tokenizer, peft_config=peft_config,
+                                  max_seq_length=max_len,
+                                  data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, **pad))
     else:
-        trainer = SFTTrainer(model=model, args=args, train_dataset=train.remove_columns(["text"]),
-                             eval_dataset=held_out.remove_columns(["text"]), processing_class=tokenizer,
-                             peft_config=peft_config)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                             processing_class=tokenizer, peft_config=peft_config)
     trainer.train(resume_from_checkpoint=_checkpoint(train_args))
     metrics = trainer.evaluate()
     trainer.save_model(train_args.output_dir)

@@ -1,92 +1,41 @@
-"""The trainer adapter: one argument set onto two DPO trainer APIs.
+"""The trainer adapter: one argument set, one engine, two DPO trainer APIs.
 
-- CPU / CUDA: trl 0.22 `DPOTrainer(args=DPOConfig, processing_class=...)`.
-- HPU: optimum-habana's `GaudiDPOTrainer` (trl 0.9.6 keyword style), in `trainers_gaudi.py`.
+- CPU / CUDA: trl 0.22 ``DPOTrainer(args=DPOConfig, processing_class=...)``.
+- HPU: optimum-habana's ``GaudiDPOTrainer`` (trl 0.9.6 keyword style); its argument mapping is in
+  ``trainers_gaudi.py``.
 
-TRL does the DPO. What is hand-written here is small: the mapping of our arguments, the
-reference-strategy resolution, real-token counting for tokens/s, the forward that shapes batches
-(chunked log-probs, per-row buckets or one packed row: logprobs.py, bucketing.py, packing.py),
-and the fix for the empty-param-group crash (DESIGN.md §6: LoRA + torch>=2.10 + DeepSpeed, fixed
-upstream in transformers after 4.55).
+The trainer classes run the loop (optimizer, DeepSpeed, HPU graphs, checkpoints, logging).
+``EngineTrainerMixin``, mixed in front of either, hands every DPO computation to the engine
+(``engine.py``): the batches (collator, bucket and packed-total sampler), the policy and reference
+log-probs and the loss with its metrics. The reference comes from the cached log-probs in the
+batch (``refcache.py``), the adapter-disabled policy (LoRA) or a second model.
+
+Hand-written here, beyond the mapping: the reference-strategy rule, real-token counting for tokens/s,
+and the fix for the empty-param-group crash (LoRA + torch>=2.10 + DeepSpeed, fixed upstream in
+transformers after 4.55).
+
+trl 0.22 configurations the engine does not reproduce (``--no_chunked_logps``; trl-only options such
+as ``rpo_alpha`` or ``padding_free`` that ``dpo_dist.dpo`` does not pass) fall back to trl's own
+forward and loss.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from dpo_dist import trainers_gaudi
 from dpo_dist.args import ArgumentError
+from dpo_dist.deepspeed_config import zero_stage_of
+from dpo_dist.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics
+from dpo_dist.reference import resolve_reference
 
 logger = logging.getLogger(__name__)
 
 
-def read_ds_config(ds_config) -> Optional[dict]:
-    """The --deepspeed config as a dict (a JSON file path, a JSON string or a dict); None without DeepSpeed."""
-    if ds_config in (None, ""):
-        return None
-    if isinstance(ds_config, dict):
-        cfg, name = ds_config, "config"
-    else:
-        name = str(ds_config)
-        try:
-            if name.lstrip().startswith("{"):
-                cfg = json.loads(name)
-            else:
-                with open(name) as fh:
-                    cfg = json.load(fh)
-        except OSError as e:
-            raise ArgumentError(f"--deepspeed {name}: cannot read it ({e.strerror}).") from e
-        except json.JSONDecodeError as e:
-            raise ArgumentError(
-                f"--deepspeed {name}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
-                "Start from a template in ds_configs/."
-            ) from e
-    if not isinstance(cfg, dict):
-        raise ArgumentError(
-            f"--deepspeed {name}: expected a JSON object ({{...}}), got a JSON {type(cfg).__name__}. "
-            "Start from a template in ds_configs/."
-        )
-    zero = cfg.get("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ArgumentError(
-            f"--deepspeed {name}: zero_optimization must be an object such as {{\"stage\": 3}}, "
-            f"got {zero!r}. Start from a template in ds_configs/."
-        )
-    stage = zero.get("stage", 0)
-    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
-        raise ArgumentError(
-            f"--deepspeed {name}: zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r}). "
-            "Fix the number (3 shards parameters, gradients and optimizer state), or start from ds_configs/zero3.json."
-        )
-    return cfg
-
-
-def zero_stage_of(ds_config) -> int:
-    """ZeRO stage named in the --deepspeed config (0 when no DeepSpeed)."""
-    cfg = read_ds_config(ds_config)
-    return int(cfg.get("zero_optimization", {}).get("stage", 0)) if cfg else 0
-
-
-def resolve_reference(reference: str, use_peft: bool, zero_stage: int) -> str:
-    """auto → adapter with LoRA; otherwise a second model, sharded under ZeRO-3, replicated below it."""
-    if reference == "auto":
-        if use_peft:
-            return "adapter"
-        return "sharded" if zero_stage == 3 else "replicated"
-    if reference == "sharded" and zero_stage != 3:
-        raise ArgumentError(
-            f"--reference sharded needs a ZeRO-3 --deepspeed config (this one is stage {zero_stage}); "
-            "use ds_configs/zero3.json or --reference replicated."
-        )
-    if reference == "replicated" and zero_stage == 3:
-        raise ArgumentError("--reference replicated is not possible under ZeRO-3 (it shards every model); use sharded.")
-    return reference
-
-
 def count_real_tokens(batch: dict) -> int:
-    """Unpadded tokens the policy sees in one trl-0.22 batch: (prompt + chosen) + (prompt + rejected)."""
+    """Unpadded tokens the policy sees in one batch (trl 0.22 / engine layout): (prompt + chosen) + (prompt + rejected)."""
     total = 0
     if "prompt_attention_mask" in batch:
         total += 2 * int(batch["prompt_attention_mask"].sum())
@@ -96,22 +45,32 @@ def count_real_tokens(batch: dict) -> int:
     return total
 
 
-class DpoDistTrainerMixin:
-    """Mixed in front of either trainer class (DPOTrainer or GaudiDPOTrainer)."""
+def engine_config(backend, train_args, pad_token_id: int) -> EngineConfig:
+    """The engine's settings from the project's arguments and the backend's row of the table."""
+    return EngineConfig(
+        max_length=train_args.max_length, max_prompt_length=train_args.max_prompt_length,
+        max_completion_length=train_args.max_completion_length, pad_token_id=int(pad_token_id),
+        loss_type=train_args.loss_type, beta=float(train_args.beta), label_smoothing=float(train_args.label_smoothing),
+        chunked=bool(train_args.chunked_logps), packing=bool(train_args.packing),
+        packing_attention=backend.packing_attention, static_shapes=backend.static_shapes,
+        forward_kwargs=dict(backend.forward_kwargs),
+    )
 
+
+class EngineTrainerMixin:
+    """Mixed in front of either trainer class (DPOTrainer or GaudiDPOTrainer): DPO steps come from the engine."""
+
+    dpodist_engine: Optional[EngineConfig] = None  # None: the trainer's own forward and loss (trl 0.22 fallback)
+    dpodist_buckets: Optional[list] = None  # bucket lengths (or packed totals) of the training batches
     real_tokens_seen: int = 0
     pairs_seen: int = 0
     fed_tokens_seen: int = 0  # real + padding tokens of the policy forwards (padding fraction)
-    token_counter = staticmethod(count_real_tokens)
-    # Set by build_trainer (trl path): chunked log-probs, packing, length buckets, reference from the cache.
-    dpodist_chunked_logps: bool = False
-    dpodist_packing: bool = False
-    dpodist_buckets: Optional[list] = None
+    shapes_seen: Optional[set] = None  # (static shapes) batch shapes met so far: a new one is a graph compile
+    new_shape_steps: int = 0  # micro-steps that met a new shape
     _dpodist_ref_cached_init: bool = False
 
-    # trl 0.22 refuses ref_model=None without PEFT or its own precompute (and refuses its
-    # precompute under ZeRO-3). With our reference cache the log-probs arrive as dataset columns,
-    # so during __init__ only, report "no separate reference needed" (see build_trainer).
+    # Both trainers refuse ref_model=None without PEFT or their own precompute. With the engine's cache the
+    # log-probs arrive as dataset columns, so during __init__ only, report "no separate reference needed".
     @property
     def is_peft_model(self):
         return self.__dict__.get("_is_peft_model", False) or self._dpodist_ref_cached_init
@@ -120,65 +79,42 @@ class DpoDistTrainerMixin:
     def is_peft_model(self, value):
         self.__dict__["_is_peft_model"] = value
 
-    def _dpodist_chunked_ok(self) -> bool:
-        """The configurations the chunked forward reproduces; anything else goes to TRL's."""
-        a = self.args
-        return (self.dpodist_chunked_logps and not self.is_encoder_decoder and not self.is_vision_model
-                and not self.padding_free and not self.aux_loss_enabled and not self.use_weighting
-                and a.rpo_alpha is None and a.ld_alpha is None and "sft" not in self.loss_type
-                and not a.use_liger_loss and not self.use_logits_to_keep)
-
     def concatenated_forward(self, model, batch, is_ref_model: bool = False):
-        if not self._dpodist_chunked_ok():
-            if "chosen_pad_to" in batch or "packed_pad_to" in batch:
-                raise RuntimeError("length buckets need the chunked forward (--chunked_logps); this configuration "
+        if self.dpodist_engine is None:
+            if any(k in batch for k in ("chosen_pad_to", "packed_pad_to", "packed_input_ids")):
+                raise RuntimeError("length buckets and packing need the engine (--chunked_logps); this configuration "
                                    "falls back to TRL's forward")
             return super().concatenated_forward(model, batch, is_ref_model=is_ref_model)
+        return forward_logps(model, batch, self.dpodist_engine)
+
+    def dpodist_reference_logps(self, batch):
+        """(chosen, rejected) reference log-probs of ``batch``: cached in the batch, the adapter-disabled policy,
+        or the separate reference model."""
+        if "ref_chosen_logps" in batch and "ref_rejected_logps" in batch:
+            return batch["ref_chosen_logps"], batch["ref_rejected_logps"]
         import torch
 
-        from dpo_dist.logprobs import build_rows, sequence_logps
+        with torch.no_grad():
+            if self.ref_model is None:
+                with self.null_ref_context():
+                    out = forward_logps(self.model, batch, self.dpodist_engine)
+            else:
+                out = forward_logps(self.ref_model, batch, self.dpodist_engine)
+        return out["chosen_logps"], out["rejected_logps"]
 
-        n = batch["prompt_input_ids"].shape[0]
-        kw = dict(max_length=self.max_length, truncation_mode=self.truncation_mode, pad_value=self.padding_value)
-
-        def key_rows(key, pad_to=None):  # the chosen (or rejected) rows: prompt + that completion
-            return build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
-                              batch[f"{key}_attention_mask"], pad_to=pad_to, **kw)
-
-        if self.dpodist_packing:  # all 2n rows in one packed row, padded once to its bucket total
-            from dpo_dist.logprobs import packed_sequence_logps
-            from dpo_dist.packing import pack_rows
-
-            pad_to = int(batch["packed_pad_to"]) if "packed_pad_to" in batch else None
-            packed = pack_rows([key_rows("chosen"), key_rows("rejected")], pad_to=pad_to, pad_value=self.padding_value)
-            logps, sums, ntok = packed_sequence_logps(model, packed)
-        elif "chosen_pad_to" in batch:  # bucketed: chosen and rejected rows each padded to their own bucket
-            parts = [sequence_logps(model, *key_rows(key, int(batch[f"{key}_pad_to"]))) for key in ("chosen", "rejected")]
-            logps, sums, ntok = (torch.cat(x) for x in zip(*parts))
-        else:
-            cat = self.concatenated_inputs(batch, padding_value=self.padding_value)
-            rows = build_rows(cat["prompt_input_ids"], cat["prompt_attention_mask"], cat["completion_input_ids"],
-                              cat["completion_attention_mask"], **kw)
-            logps, sums, ntok = sequence_logps(model, *rows)
-        if "ipo" in self.loss_type:
-            logps = logps / ntok
-        from dpo_dist.logprobs import causal_lm_parts
-
-        vocab = causal_lm_parts(model)[1].out_features
-        denom = lambda t: (t.sum() * vocab).clamp(min=1)  # noqa: E731
-        return {
-            "chosen_logps": logps[:n],
-            "rejected_logps": logps[n:],
-            "mean_chosen_logits": sums[:n].sum() / denom(ntok[:n]),
-            "mean_rejected_logits": sums[n:].sum() / denom(ntok[n:]),
-        }
+    def get_batch_loss_metrics(self, model, batch, train_eval="train"):
+        if self.dpodist_engine is None:
+            return super().get_batch_loss_metrics(model, batch, train_eval=train_eval)
+        policy = forward_logps(model, batch, self.dpodist_engine)
+        ref_chosen, ref_rejected = self.dpodist_reference_logps(batch)
+        return loss_and_metrics(policy, ref_chosen, ref_rejected, self.dpodist_engine,
+                                gather=self.accelerator.gather_for_metrics, train_eval=train_eval,
+                                running=getattr(self, "running", None))
 
     def get_train_dataloader(self):
         if not self.dpodist_buckets:
             return super().get_train_dataloader()
         from torch.utils.data import DataLoader
-
-        from dpo_dist.bucketing import BucketCollator
 
         sampler = self._dpodist_sampler()
 
@@ -186,18 +122,16 @@ class DpoDistTrainerMixin:
             def set_epoch(self, epoch):
                 sampler.set_epoch(epoch)
 
-        return _Loader(self.train_dataset, batch_sampler=sampler,
-                       collate_fn=BucketCollator(self.data_collator, self.dpodist_buckets, self.max_length,
-                                                 packed=self.dpodist_packing),
+        return _Loader(self.train_dataset, batch_sampler=sampler, collate_fn=self.data_collator,
                        num_workers=self.args.dataloader_num_workers)
 
     def _dpodist_sampler(self):
         """This rank's batch sampler for --length_buckets: grouped by row bucket, or balanced packed totals."""
         from dpo_dist.bucketing import BucketBatchSampler, PackedBatchSampler, pair_row_lengths
 
-        chosen, rejected = pair_row_lengths(self.train_dataset, self.max_length)
+        chosen, rejected = pair_row_lengths(self.train_dataset, self.dpodist_engine.max_length)
         kw = dict(num_replicas=self.args.world_size, rank=self.args.process_index, seed=self.args.seed)
-        if self.dpodist_packing:
+        if self.dpodist_engine.packing:
             return PackedBatchSampler([c + r for c, r in zip(chosen, rejected)],
                                       self.args.per_device_train_batch_size, **kw)
         return BucketBatchSampler(chosen, rejected, self.dpodist_buckets, self.args.per_device_train_batch_size, **kw)
@@ -216,36 +150,47 @@ class DpoDistTrainerMixin:
         packing the packed totals of every batch the sampler will form (all ranks, all epochs)."""
         from dpo_dist.bucketing import choose_buckets, padding_fraction, pair_row_lengths
 
-        if self.dpodist_packing:
+        if self.dpodist_engine.packing:
             sampler = self._dpodist_sampler()
             lengths = sampler.totals(self._dpodist_epochs(len(sampler)))
         else:
-            chosen, rejected = pair_row_lengths(self.train_dataset, self.max_length)
+            chosen, rejected = pair_row_lengths(self.train_dataset, self.dpodist_engine.max_length)
             lengths = chosen + rejected
         buckets = choose_buckets(lengths, k)
         return buckets, padding_fraction(lengths, buckets)
 
-    def dpodist_fed_tokens(self, inputs) -> int:
-        """Real + padding tokens the policy forward gets for this trl-0.22 batch."""
-        from dpo_dist.bucketing import fed_tokens
-
-        return fed_tokens(inputs, getattr(self, "max_length", None)) if "prompt_attention_mask" in inputs else 0
-
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
         # LoRA leaves the no-decay group empty; DeepSpeed drops empty groups and the LR scheduler
-        # then zips mismatched lists (DESIGN.md §6). Drop them here, before either sees them.
+        # then zips mismatched lists. Drop them here, before either sees them.
         opt = getattr(optimizer, "optimizer", optimizer)
         opt.param_groups[:] = [g for g in opt.param_groups if len(g["params"]) > 0]
         return optimizer
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training:
-            self.real_tokens_seen += self.token_counter(inputs)
-            self.fed_tokens_seen += self.dpodist_fed_tokens(inputs)
+            from dpo_dist.bucketing import fed_tokens
+
+            self.real_tokens_seen += count_real_tokens(inputs)
+            max_length = self.dpodist_engine.max_length if self.dpodist_engine else getattr(self, "max_length", None)
+            self.fed_tokens_seen += fed_tokens(inputs, max_length)
             ids = inputs.get("chosen_input_ids")
             self.pairs_seen += int(ids.shape[0]) if ids is not None else 0
+            if self.shapes_seen is not None:
+                shape = batch_shape(inputs)
+                if shape not in self.shapes_seen:
+                    self.shapes_seen.add(shape)
+                    self.new_shape_steps += 1
         return super().compute_loss(model, inputs, *args, **kwargs)
+
+
+def batch_shape(batch: dict) -> tuple:
+    """The padded shape(s) the model sees for ``batch``: what a graph-compiling device compiles per."""
+    if "packed_input_ids" in batch:
+        return ("packed", int(batch["packed_input_ids"].shape[1]))
+    if "chosen_pad_to" in batch:
+        return ("rows", int(batch["chosen_pad_to"]), int(batch["rejected_pad_to"]), int(batch["chosen_input_ids"].shape[0]))
+    return ("raw", tuple(int(batch[k].shape[1]) for k in ("prompt_input_ids", "chosen_input_ids", "rejected_input_ids")))
 
 
 @dataclass
@@ -314,13 +259,8 @@ def build_training_setup(backend, model_args, data_args, train_args) -> Training
     zero_stage = zero_stage_of(train_args.deepspeed)
     reference = resolve_reference(train_args.reference, model_args.use_peft, zero_stage)
     if backend.trainer_api == "gaudi":
-        from dpo_dist import trainers_gaudi
-
-        if getattr(train_args, "packing", False):
-            raise ArgumentError("--packing is for the cpu/cuda trainer (trl 0.22): optimum-habana's Gaudi attention "
-                                "does not take dpo-dist's varlen attention. Drop --packing on HPU.")
-
-        args, gaudi_config = trainers_gaudi.build_gaudi_training_args(model_args, data_args, train_args)
+        args, gaudi_config = trainers_gaudi.build_gaudi_training_args(model_args, data_args, train_args, backend,
+                                                                          reference)
         return TrainingSetup(
             "gaudi", args, zero_stage, reference, gaudi_config, trainers_gaudi.model_load_kwargs_gaudi(train_args)
         )
@@ -330,50 +270,47 @@ def build_training_setup(backend, model_args, data_args, train_args) -> Training
     return TrainingSetup("trl", args, zero_stage, reference, None, {})
 
 
-def build_trainer(setup: TrainingSetup, *, model_args, data_args, train_args, model, ref_model, tokenizer,
+def build_trainer(setup: TrainingSetup, *, backend, model_args, data_args, train_args, model, ref_model, tokenizer,
                   train_dataset, eval_dataset, peft_config, callbacks, load_reference=None):
-    if setup.api == "gaudi":
-        from dpo_dist import trainers_gaudi
-
-        return trainers_gaudi.build_gaudi_trainer(
-            training_args=setup.args, gaudi_config=setup.gaudi_config, model=model, ref_model=ref_model,
-            tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
-            callbacks=callbacks, trainer_cls_mixin=DpoDistTrainerMixin, model_args=model_args,
-            data_args=data_args, train_args=train_args,
-        )
-    from trl import DPOTrainer
-
     cached = setup.reference == "precomputed"
-    packing = bool(getattr(train_args, "packing", False))
-    if packing:
+    packing = bool(train_args.packing)
+    if packing and backend.packing_attention == "varlen":
         from dpo_dist.packing import packable
 
         if not packable(model):
             raise ArgumentError("--packing needs the model loaded with dpo-dist's varlen attention (dpo_dist.dpo does "
                                 "this unless --attn_implementation names another one): drop --attn_implementation "
                                 "or --packing.")
-    cls = type("DpoDistDPOTrainer", (DpoDistTrainerMixin, DPOTrainer), {
-        "dpodist_chunked_logps": bool(getattr(train_args, "chunked_logps", False)),
-        "dpodist_packing": packing,
-        "_dpodist_ref_cached_init": cached,
-    })
-    trainer = cls(
-        model=model,
-        ref_model=None if cached else ref_model,
-        args=setup.args,
-        train_dataset=train_dataset,
-        eval_dataset=eval_dataset,
-        processing_class=tokenizer,
-        peft_config=peft_config,
-        callbacks=callbacks,
-    )
-    cls._dpodist_ref_cached_init = False  # only __init__'s checks see the cached reference as "no model needed"
-    k = int(getattr(train_args, "length_buckets", 0) or 0)
-    if (k > 0 or packing) and not trainer._dpodist_chunked_ok():
-        raise ArgumentError("--length_buckets and --packing need --chunked_logps (on by default) and a plain "
-                            "sigmoid/ipo-style loss without rpo_alpha/ld_alpha/liger/padding_free.")
+    engine = engine_config(backend, train_args, tokenizer.pad_token_id) if train_args.chunked_logps else None
+    if engine is None and (packing or train_args.length_buckets or setup.api == "gaudi"):
+        raise ArgumentError("--no_chunked_logps turns the engine off, and --packing, --length_buckets and the HPU "
+                            "trainer need it: drop --no_chunked_logps.")
+    attrs = {"dpodist_engine": engine, "_dpodist_ref_cached_init": cached,
+             "shapes_seen": set() if backend.static_shapes else None}
+    collator = EngineCollator(engine) if engine is not None else None
+    if setup.api == "gaudi":
+        trainer = trainers_gaudi.build_gaudi_trainer(
+            training_args=setup.args, gaudi_config=setup.gaudi_config, model=model, ref_model=ref_model,
+            tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
+            callbacks=callbacks, data_collator=collator, mixin=EngineTrainerMixin, attrs=attrs,
+            model_args=model_args, train_args=train_args, reference=setup.reference,
+        )
+    else:
+        from trl import DPOTrainer
+
+        cls = type("DpoDistDPOTrainer", (EngineTrainerMixin, DPOTrainer), attrs)
+        trainer = cls(
+            model=model, ref_model=None if cached else ref_model, args=setup.args, data_collator=collator,
+            train_dataset=train_dataset, eval_dataset=eval_dataset, processing_class=tokenizer,
+            peft_config=peft_config, callbacks=callbacks,
+        )
+    type(trainer)._dpodist_ref_cached_init = False  # only __init__'s checks see the cached reference as "no model"
+    k = int(train_args.length_buckets or 0)
+    if k == 0 and backend.static_shapes:
+        k = 1  # one shape at most max_length long: what GaudiDPOTrainer itself pads every batch to
     if k > 0:
         trainer.dpodist_buckets, frac = trainer.dpodist_choose_buckets(k)
+        collator.buckets = trainer.dpodist_buckets
         logger.info("length buckets (%d): %s; padding %.1f%% (%s)", len(trainer.dpodist_buckets),
                     trainer.dpodist_buckets, 100 * frac,
                     "packed batch totals padded to their bucket" if packing else "rows padded to their bucket")
@@ -384,5 +321,5 @@ def build_trainer(setup: TrainingSetup, *, model_args, data_args, train_args, mo
             raise ArgumentError("--reference precomputed: no way to load the reference model (load_reference)")
         trainer.dpodist_ref_cache = attach_reference_cache(
             trainer, model_path=model_args.model_name_or_path, load_model=load_reference,
-            cache_dir=getattr(train_args, "ref_cache_dir", None))
+            cache_dir=getattr(train_args, "ref_cache_dir", None), bf16=bool(train_args.bf16))
     return trainer

@@ -110,7 +110,9 @@ def available_cards(hardware: str, environ=None, cpu_count=None, hl_smi=_hl_smi_
     if hardware == "cpu":
         cores = cpu_count if cpu_count is not None else os.cpu_count()
         return (cores, f"this machine has {cores} CPU cores") if cores else (None, "os.cpu_count() is unknown")
-    if hardware.startswith("gaudi"):
+    from launch.plan import HARDWARE
+
+    if HARDWARE[hardware].device == "hpu":
         n = _id_count(env.get("HABANA_VISIBLE_DEVICES"))
         if n is not None:
             return n, f"HABANA_VISIBLE_DEVICES={env['HABANA_VISIBLE_DEVICES']} makes {n} visible"
@@ -168,7 +170,7 @@ def build_plan(a: PlanArguments, data=None):
 
 def data_shape_for(a: PlanArguments, extra: list[str]):
     """(DataShape or None, note or None): --pair_tokens, else measured on local data (launch/datastats.py,
-    I/O). Gaudi does not pack: nothing to measure."""
+    I/O): packed micro-batches are sized by the data's tokens per pair."""
     from launch.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
 
     if a.pair_tokens:
@@ -176,7 +178,7 @@ def data_shape_for(a: PlanArguments, extra: list[str]):
             return DataShape(parse_pair_tokens(a.pair_tokens)), f"data: --pair_tokens {a.pair_tokens}"
         except ValueError as e:
             raise LaunchError(str(e)) from None
-    if a.hardware.startswith("gaudi") or not a.model:
+    if not a.model:
         return None, None
     return measure_pair_tokens(a.model, extra, max_length=a.max_length, max_prompt_length=a.max_prompt_length)
 
@@ -223,20 +225,24 @@ def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path
         if flag not in given:
             args.extend([flag, *map(str, vals)])
 
+    from launch.plan import HARDWARE
+
+    hw = HARDWARE[a.hardware]
     put("--model_name_or_path", a.model)
     put("--output_dir", output_dir)
-    put("--deepspeed", ds_config_path)
+    if plan.uses_deepspeed:
+        put("--deepspeed", ds_config_path)
     put("--per_device_train_batch_size", plan.micro_batch_size)
     put("--gradient_accumulation_steps", plan.gradient_accumulation_steps)
     put("--max_length", plan.max_length)
     put("--max_prompt_length", plan.max_prompt_length)
     put("--reference", plan.reference)
-    put("--device", "hpu" if a.hardware.startswith("gaudi") else a.hardware)
+    put("--device", hw.device)
     if plan.use_peft and "--use_peft" not in given:
         args.append("--use_peft")
     if plan.gradient_checkpointing and "--gradient_checkpointing" not in given:
         args.append("--gradient_checkpointing")
-    if a.hardware != "cpu" and "--bf16" not in given:
+    if hw.bf16 and "--bf16" not in given:
         args.append("--bf16")
     if a.task == "dpo":  # batch shaping of the DPO trainer (sft.py has its own)
         if plan.length_buckets:
@@ -287,7 +293,7 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
         raise NoFit(plan)
     run_dir = Path(a.run_dir or f"runs/{Path(a.model.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}")
     ds_path = run_dir / "ds_config.json"
-    ds_config = build_ds_config(plan, spec)
+    ds_config = build_ds_config(plan, spec) if plan.uses_deepspeed else None
     hostfile_path = str(Path(a.hostfile).resolve()) if hosts else None
     # DeepSpeed reads only ./.deepspeed_env, ~/.deepspeed_env or $DS_ENV_FILE: the command sets DS_ENV_FILE.
     ds_env_path = str((run_dir / ".deepspeed_env").resolve())
@@ -296,19 +302,31 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
         a.hardware, a.cards, hosts, script_args, master_port=a.master_port, launcher=a.launcher,
         module=f"dpo_dist.{a.task}",
         hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path, extra_env_names=tuple(n for n in (a.env or "").split(",") if n),
-        environ=environ, no_ssh=False if a.ssh else None, ssh_port=a.ssh_port,
+        environ=environ, no_ssh=False if a.ssh else None, ssh_port=a.ssh_port, deepspeed=plan.uses_deepspeed,
+        plan_env=plan_env(plan),
     )
     # Everything that can refuse the launch (secrets, quoting) runs before the run dir is created: a refused
     # launch leaves no half-written run dir behind.
     command_sh = render_command_sh(cmd)
     deepspeed_env = render_deepspeed_env(cmd.deepspeed_env) if cmd.deepspeed_env else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_ds_config(ds_config, ds_path)
+    if ds_config is not None:
+        write_ds_config(ds_config, ds_path)
     _write_atomic(run_dir / "plan.json", json.dumps(plan_to_dict(plan), indent=2) + "\n")
     _write_atomic(run_dir / "command.sh", command_sh, mode=0o755)
     if deepspeed_env is not None:
         _write_atomic(run_dir / ".deepspeed_env", deepspeed_env)
     return plan, cmd, run_dir
+
+
+def plan_env(plan) -> dict:
+    """Variables the plan needs on every rank (pure): Habana's ZeRO-3 memory flags for Gaudi ZeRO-3 plans."""
+    from dpo_dist.backend import HPU_ZERO3_ENV
+    from launch.plan import HARDWARE
+
+    if HARDWARE[plan.hardware].device == "hpu" and plan.zero_stage == 3:
+        return dict(HPU_ZERO3_ENV)
+    return {}
 
 
 class NoFit(Exception):

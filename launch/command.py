@@ -5,13 +5,14 @@ Nothing here starts a process, touches the network or imports torch/deepspeed; `
 runs what this module builds. What each case builds (N = cards per node, P = master port,
 ARGS = the rank script's arguments, M = `dpo_dist.dpo`):
 
-- HPU, one node, `GAUDI_SPAWN` set (optimum-habana's `examples/gaudi_spawn.py`; it is not in the
-  wheel):   `python $GAUDI_SPAWN --world_size N --use_deepspeed --master_port P dpo_dist/dpo.py ARGS`
-  gaudi_spawn then runs `deepspeed --num_nodes 1 --num_gpus N --no_local_rank --master_port P
-  dpo_dist/dpo.py ARGS` through `bash` (optimum-habana `DistributedRunner`), so ARGS must be
-  free of shell metacharacters: they are checked, not just quoted (see launch/quoting.py).
-- HPU, one node, no `GAUDI_SPAWN`: the DeepSpeed command gaudi_spawn would build, run directly:
-  `deepspeed --num_nodes 1 --num_gpus N --no_local_rank --master_port P --module M ARGS`.
+- HPU, one node: `python $GAUDI_SPAWN --world_size N --use_deepspeed --master_port P dpo_dist/dpo.py ARGS`
+  with `GAUDI_SPAWN` set (optimum-habana's `examples/gaudi_spawn.py`; it is not in the wheel), else
+  `python -m launch.gaudi_spawn ...` (the same launcher over the class it wraps, which is in the
+  wheel). gaudi_spawn then runs `deepspeed --num_nodes 1 --num_gpus N --no_local_rank --master_port P
+  dpo_dist/dpo.py ARGS` through `bash` (optimum-habana `DistributedRunner`), so ARGS must be free of
+  shell metacharacters: they are checked, not just quoted (see launch/quoting.py). A plan without
+  DeepSpeed (ZeRO-0 on Gaudi: plain DDP) passes `--use_mpi` instead: `mpirun -n N ... python
+  dpo_dist/dpo.py ARGS`, as optimum-habana's own DPO baseline runs.
 - HPU, several nodes: `deepspeed --hostfile F --master_addr <first host> --master_port P
   [--ssh_port S] --no_local_rank --module M ARGS` (what `DistributedRunner.create_multi_node_setup`
   builds, plus `--module`), and `.deepspeed_env` with `PT_HPU_LAZY_MODE=1`,
@@ -49,6 +50,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
+from dpo_dist.backend import HPU_ENV, twin_requested
 from launch.hostfile import HostEntry, host_problem
 from launch.quoting import (
     PDSH_SAFE_CHARS,
@@ -77,8 +79,6 @@ DEFAULT_MASTER_PORT = 29500
 HPU_CARDS_PER_NODE = 8
 HARDWARE_KINDS = {"gaudi2": "hpu", "gaudi3": "hpu", "hpu": "hpu", "cuda": "cuda", "cpu": "cpu"}
 LAUNCHERS = ("auto", "gaudi_spawn", "deepspeed", "torchrun")
-# DESIGN §3: set explicitly before Python starts (the default became 0 in SynapseAI 1.21).
-HPU_ENV = {"PT_HPU_LAZY_MODE": "1", "PT_ENABLE_INT64_SUPPORT": "1"}
 # DeepSpeed's pdsh runner does not forward these to remote nodes; .deepspeed_env must.
 HPU_FORWARD_PREFIXES = ("PT_HPU_", "HCCL_")
 ALWAYS_SECRET = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
@@ -259,6 +259,8 @@ def build_launch_command(
     python: str = "python",
     cpu_count: Optional[int] = None,
     workdir: Optional[str] = None,
+    deepspeed: bool = True,
+    plan_env: Optional[Mapping[str, str]] = None,
 ) -> LaunchCommand:
     """Build the launch command. Pure apart from reading `environ` (default `os.environ`),
     `os.cpu_count()` and, on the pdsh path only, `os.getcwd()` when `workdir` is None.
@@ -285,6 +287,10 @@ def build_launch_command(
     python: the interpreter that runs gaudi_spawn.py.
     cpu_count: cores for the OMP_NUM_THREADS default on CPU (default `os.cpu_count()`).
     workdir: directory the command runs in (rendered as `cd` in command.sh).
+    deepspeed: False for a plan that runs without DeepSpeed (ZeRO-0 on Gaudi, plain DDP): gaudi_spawn then
+        starts the ranks with MPI (`--use_mpi`).
+    plan_env: variables the plan needs on every rank (e.g. Habana's ZeRO-3 memory flags); a value already in
+        `environ` wins, so a user can tune them.
     """
     env_in: Mapping[str, str] = os.environ if environ is None else environ
 
@@ -384,6 +390,12 @@ def build_launch_command(
     ranks_here = world if (multi and all(_is_loopback(h.host) for h in host_list)) else cards
     if kind == "hpu":
         env.update(HPU_ENV)
+        for name, value in (plan_env or {}).items():
+            check_env_name(name, "plan environment variable", CommandError)
+            env[name] = env_in.get(name, value)
+        if twin_requested(env_in):  # the Gaudi twin: the HPU path on CPU ranks, threads shared as on CPU
+            env["OMP_NUM_THREADS"] = _omp_threads(env_in, cpu_count, ranks_here)
+            notes.append("Gaudi twin ($DPO_DIST_HPU_TWIN): optimum-habana's code on CPU ranks, a development aid.")
         if env_in.get("PT_HPU_LAZY_MODE") not in (None, "1"):
             notes.append(f"PT_HPU_LAZY_MODE was {env_in.get('PT_HPU_LAZY_MODE')!r} in the environment; set to 1 (lazy "
                          "mode is what GaudiDPOConfig(use_lazy_mode=True) expects).")
@@ -406,14 +418,22 @@ def build_launch_command(
         spawn = ([check_no_control(env_in["GAUDI_SPAWN"], "GAUDI_SPAWN", CommandError)] if env_in.get("GAUDI_SPAWN")
                  else ["-m", "launch.gaudi_spawn"])
         reshell(args, _VIA_GAUDI_SPAWN, RESHELL_SAFE_CHARS)
-        argv = [python, *spawn, "--world_size", str(cards), "--use_deepspeed", "--master_port", str(port), script_path] + args
-        inner = (f"deepspeed --num_nodes 1 --num_gpus {cards} --no_local_rank --master_port {port}" if cards > 1
-                 else f"deepspeed --num_gpus 1 --master_port {port}")
+        mode = "--use_deepspeed" if deepspeed else "--use_mpi"
+        argv = [python, *spawn, "--world_size", str(cards), mode, "--master_port", str(port), script_path] + args
+        if deepspeed:
+            inner = (f"deepspeed --num_nodes 1 --num_gpus {cards} --no_local_rank --master_port {port}" if cards > 1
+                     else f"deepspeed --num_gpus 1 --master_port {port}")
+        else:
+            inner = (f"mpirun -n {cards} --bind-to core --map-by socket:PE=<cores per rank> --rank-by slot "
+                     f"--report-bindings --allow-run-as-root python" if cards > 1 else "python")
+            notes.append("no DeepSpeed (a ZeRO-0 plan on Gaudi): plain DDP started by MPI, which keeps Habana's fused "
+                         "AdamW and HPU graphs (optimum-habana's own DPO baseline runs this way); mpirun must be "
+                         "installed (Habana's images ship Open MPI).")
         notes.append(f"gaudi_spawn.py runs `{inner} {script_path} ...` with bash; the script arguments were checked "
                      "for shell metacharacters because it re-joins them into one shell line.")
         notes.append(f"{script_path} is run as a script: dpo_dist must be importable from it (installed package or "
                      "PYTHONPATH with the project root).")
-        if cards == 1:
+        if cards == 1 and deepspeed:
             notes.append("with --world_size 1 gaudi_spawn drops --no_local_rank, so the rank also gets --local_rank=0.")
     elif chosen == "torchrun":
         if not multi:
@@ -465,7 +485,7 @@ def build_launch_command(
         # .deepspeed_env: what every node needs but pdsh does not carry.
         skipped = []
         if kind == "hpu":
-            ds_env.update(HPU_ENV)
+            ds_env.update({k: v for k, v in env.items() if k != "DS_ENV_FILE"})  # HPU_ENV and the plan's variables
             for name in sorted(env_in):
                 if name.startswith(HPU_FORWARD_PREFIXES) and name not in ds_env:
                     if is_secret_name(name):

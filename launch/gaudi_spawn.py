@@ -7,13 +7,15 @@ optimum-habana` launches exactly as the upstream script would:
 
     python -m launch.gaudi_spawn --world_size 8 --use_deepspeed --master_port 29500 dpo_dist/dpo.py ARGS
 
-DistributedRunner joins the command into one bash line; `launch.command` has already refused
-script arguments with shell metacharacters for this path. Habana modules are imported only here,
-when it runs (on HPU).
+DistributedRunner runs each command as one bash line (`subprocess.Popen(shell=True)`), so every word
+is shell-quoted here (`shlex.join`): an argument with a space reaches the rank as one word.
+`launch.command` also refuses script arguments with shell metacharacters for this path. Habana
+modules are imported only here, when it runs (on HPU, or in the Gaudi twin).
 """
 
 from __future__ import annotations
 
+import shlex
 import sys
 from argparse import REMAINDER, ArgumentParser
 
@@ -34,7 +36,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from optimum.habana.distributed import DistributedRunner  # noqa: PLC0415 (HPU only)
 
-    command_list = [" ".join([args.training_script, *args.training_script_args])]
+    command_list = [shlex.join([args.training_script, *args.training_script_args])]
     runner = DistributedRunner(
         command_list=command_list,
         world_size=args.world_size,

@@ -128,34 +128,45 @@ class Hardware:
     host_link_gbs: float = 25.0  # GB/s per card, card <-> host (offload)
     offload_supported: bool = True
     host_memory_gib: float = 1024.0  # host RAM per node, bounds offload (typical 8-card server)
+    # What the ranks do on this hardware (dpo_dist/backend.py holds the same facts for the ranks):
+    device: str = "cpu"  # the ranks' --device
+    fused_sdpa: bool = True  # the DPO forward's attention keeps no s x s score matrix (flash / fused SDPA)
+    packing_attention: str = "varlen"  # packed rows: per-row kernels ("varlen") or a T x T block mask ("block_mask")
+    static_shapes: bool = False  # graph-compiling device: a few fixed batch shapes (buckets) matter
+    ddp_without_deepspeed: bool = False  # a ZeRO-0 plan runs plain DDP (gaudi_spawn --use_mpi), not DeepSpeed
 
+
+# Gaudi ranks: optimum-habana's models, FusedSDPA (the engine passes use_flash_attention=True), packed rows through
+# a block-diagonal mask (Gaudi attention ignores transformers' attention interface), HPU graphs (static shapes),
+# and ZeRO-0 as DDP, as optimum-habana's own DPO baseline runs.
+_GAUDI = dict(device="hpu", packing_attention="block_mask", static_shapes=True, ddp_without_deepspeed=True)
 
 HARDWARE: dict[str, Hardware] = {
     # Gaudi2: 96 GB HBM, 94.62 GiB usable (measured), ~432 TFLOPS bf16, 8 cards/node;
     # 21 x 100 GbE scale-up ports per card, 3 x 100 GbE scale-out, PCIe Gen4 x16.
     "gaudi2": Hardware(
         "gaudi2", 94.62, 432.0, 8, overhead=0.95, mfu=0.42,
-        intra_node_gbs=262.5, inter_node_gbs=37.5, host_link_gbs=25.0,
+        intra_node_gbs=262.5, inter_node_gbs=37.5, host_link_gbs=25.0, **_GAUDI,
     ),
     # Gaudi3: 128 GB HBM; usable scaled by Gaudi2's measured ratio (94.62/96), not
     # measured. ~1835 TFLOPS bf16; 21 x 200 GbE scale-up, 3 x 200 GbE scale-out, PCIe Gen5.
     # Overhead assumed equal to Gaudi2's (same software stack).
     "gaudi3": Hardware(
         "gaudi3", round(128 * 94.62 / 96, 2), 1835.0, 8, overhead=0.95, mfu=0.11,
-        intra_node_gbs=525.0, inter_node_gbs=75.0, host_link_gbs=50.0,
+        intra_node_gbs=525.0, inter_node_gbs=75.0, host_link_gbs=50.0, **_GAUDI,
     ),
     # CUDA: an 80 GB H100-class card by default (override card_memory_gib in PlanOptions),
     # in a DGX-class node with 2 TiB of host RAM.
     "cuda": Hardware(
         "cuda", 80.0, 989.0, 8, overhead=0.10, mfu=0.40,
-        intra_node_gbs=450.0, inter_node_gbs=50.0, host_link_gbs=50.0, host_memory_gib=2048.0,
+        intra_node_gbs=450.0, inter_node_gbs=50.0, host_link_gbs=50.0, host_memory_gib=2048.0, device="cuda",
     ),
     # CPU ranks (gloo): fp32, "card" memory is host RAM per rank (peak RSS; pass card_memory_gib),
     # no offload; a host runs as many ranks as asked, so the per-node limit is loose. Overhead and
     # runtime reserve CALIBRATED on the bench (see the module docstring).
     "cpu": Hardware(
         "cpu", 16.0, 1.0, 64, overhead=0.30, bf16=False, mfu=0.3, runtime_gib=0.53, runtime_bytes_per_param=28.0,
-        intra_node_gbs=10.0, inter_node_gbs=1.0, host_link_gbs=10.0, offload_supported=False,
+        intra_node_gbs=10.0, inter_node_gbs=1.0, host_link_gbs=10.0, offload_supported=False, fused_sdpa=False,
     ),
 }
 
@@ -164,7 +175,7 @@ CALIBRATION_POINT = dict(
     model="meta-llama/Llama-2-7b-hf", hardware="gaudi2", measured_gib=87.0,
     lora_r=8, lora_target_modules=("q_proj", "v_proj"), max_length=1024, micro_batch_size=1,
     zero_stage=0, offload="none", gradient_checkpointing=False, reference="replicated",
-    fused_attention=False,
+    fused_attention=False, chunked_logps=False, packing=False,  # GaudiDPOTrainer's own forward: full fp32 logits
 )
 
 
@@ -186,19 +197,17 @@ class PlanOptions:
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     global_batch_size: int = 64  # preference pairs per optimizer step (target)
     fused_attention: bool = True
-    # dpo-dist's chunked log-probs (dpo_dist/logprobs.py): no [2b, s, V] logits, only one chunk's.
-    # None: on for cpu/cuda (trl 0.22 path), off for Gaudi (GaudiDPOTrainer computes full fp32 logits).
+    # The engine's features (dpo_dist/engine.py), on every hardware. None: on.
+    # Chunked log-probs (dpo_dist/logprobs.py): no [2b, s, V] logits, only one chunk's.
     chunked_logps: bool | None = None
-    # dpo-dist's reference log-prob cache (dpo_dist/refcache.py) is available: "auto" may then
-    # pick "precomputed" (no reference model in memory during training, cache reused on resume).
-    # None: on for cpu/cuda (the trl 0.22 path has the cache), off for Gaudi (GaudiDPOTrainer's own
-    # precompute refuses ZeRO-3).
+    # The reference log-prob cache (dpo_dist/refcache.py): "auto" may pick "precomputed" (no reference model in
+    # memory during training, cache reused on resume), under any ZeRO stage.
     reference_cache: bool | None = None
-    # dpo-dist's packing (dpo_dist/packing.py): a micro-batch's rows in one row, attention per row
-    # with torch's flash SDPA kernel (no score matrix kept, also on CPU). None: as chunked_logps.
+    # Packing (dpo_dist/packing.py): a micro-batch's rows in one row, attention kept inside each row, per row
+    # (varlen: no score matrix) or through a block-diagonal mask (Gaudi: a T x T mask). Needs chunked_logps.
     packing: bool | None = None
     # Padding shapes (dpo_dist/bucketing.py): rows (or, packed, micro-batch totals) padded to at most
-    # this many lengths chosen from the data (on Gaudi: trainers_gaudi.GaudiBucketPadding); 0 = off.
+    # this many lengths chosen from the data; 0 = off (a static-shape device then pads to one length).
     # Memory is planned for the largest shape, max_length (unpacked) or the largest packed total.
     length_buckets: int = 8
     # (mean, max) tokens per pair (chosen + rejected rows, truncated) of the training data, measured by
@@ -285,10 +294,14 @@ class Plan:
     est_tokens_per_s: float
     notes: tuple[str, ...] = ()
     suggestion: Suggestion | None = None
-    # How batches are shaped (dpo_dist/bucketing.py, packing.py, logprobs.py); Gaudi: buckets only.
+    # How batches are shaped and run (dpo_dist/engine.py: bucketing.py, packing.py, logprobs.py), on every hardware.
     length_buckets: int = 0
     packing: bool = False
     chunked_logps: bool = False
+    packing_attention: str = "varlen"
+    static_shapes: bool = False
+    # False: a ZeRO-0 plan on hardware that runs it as plain DDP (Gaudi: gaudi_spawn --use_mpi, no DeepSpeed).
+    uses_deepspeed: bool = True
 
     @property
     def global_batch_size(self) -> int:
@@ -387,11 +400,13 @@ def _memory(spec: ModelSpec, hw: Hardware, opts: PlanOptions, stage: int, offloa
     if packed:  # one row of the micro-batch's tokens: s·b becomes that row's length
         s, b = packed_tokens(opts, micro_batch_size), 1
     # CPU, unpacked: the score term stays (see the module docstring); packed: the modeling-code count.
-    fused = packed or opts.fused_attention and hw.name != "cpu"
+    fused = packed or opts.fused_attention and hw.fused_sdpa
     attn = 0.0 if fused else 5 * spec.num_attention_heads * s / h
     if packed:
         layer = s * packed_layer_elements(spec) * p
         outer = s * 3 * h * p  # embedding output and the final norm's saved tensors
+        if hw.packing_attention == "block_mask":  # the T x T mask and the model's inverted copy (Gemma 3: 2 masks)
+            outer += 2 * s * s * p
         acts = (L * s * h * p + layer + outer) if gradient_checkpointing else L * layer + outer
     else:
         layer = s * b * h * (34 + attn) * p / 2
@@ -419,7 +434,7 @@ def _memory(spec: ModelSpec, hw: Hardware, opts: PlanOptions, stage: int, offloa
 
 
 def _chunked(hw: Hardware, opts: PlanOptions) -> bool:
-    return opts.chunked_logps if opts.chunked_logps is not None else not hw.name.startswith("gaudi")
+    return opts.chunked_logps if opts.chunked_logps is not None else True
 
 
 def packed_layer_elements(spec: ModelSpec) -> int:
@@ -450,7 +465,7 @@ def _packing(hw: Hardware, opts: PlanOptions) -> bool:
 
 
 def _reference_cache(hw: Hardware, opts: PlanOptions) -> bool:
-    return opts.reference_cache if opts.reference_cache is not None else not hw.name.startswith("gaudi")
+    return opts.reference_cache if opts.reference_cache is not None else True
 
 
 def _chunk_tokens(vocab_size: int) -> int:
@@ -513,10 +528,12 @@ def _step_time(spec: ModelSpec, hw: Hardware, opts: PlanOptions, nodes: int, sta
                mb: int, gc: bool, reference: str, ga: int) -> float:
     N, p, s = opts.cards, _p(hw.bf16), opts.max_length
     t = 2 * mb * s
+    # Attention span: a row, or with a block mask the whole packed row (its T x T scores are all computed).
+    span = packed_tokens(opts, mb) if hw.packing_attention == "block_mask" and _packing(hw, opts) else s
     in_loop_ref = "replicated" if reference == "precomputed" else reference  # moved, not removed
-    flops = dpo_step_flops(spec, t, opts.use_peft, in_loop_ref, s)
+    flops = dpo_step_flops(spec, t, opts.use_peft, in_loop_ref, span)
     if gc:
-        flops += _forward_flops(spec, t, s)
+        flops += _forward_flops(spec, t, span)
     compute = flops / (hw.peak_bf16_tflops * 1e12 * hw.mfu * t / (t + TOKENS_HALF_EFFICIENCY))
     if stage == 3:
         compute *= ZERO3_HOOK_PENALTY
@@ -698,6 +715,9 @@ def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits
         "precomputed": "reference log-probs precomputed before training (no reference in memory)",
     }[c.reference]
     notes.append(ref_note)
+    if c.stage == 0 and hw.ddp_without_deepspeed:
+        notes.append("ZeRO-0 runs as plain DDP (gaudi_spawn --use_mpi, no DeepSpeed), which keeps Habana's fused "
+                     "AdamW and HPU graphs, as optimum-habana's own DPO baseline runs")
     if c.offload != "none":
         notes.append(f"offload={c.offload}: needs about {c.host_gib:.0f} GiB of host RAM per node "
                      f"(budget {_host_budget_gib(hw, opts):.0f} GiB)")
@@ -706,7 +726,7 @@ def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits
                      "for this micro-batch")
     if c.mb * N >= opts.global_batch_size and c.mb > 1:
         notes.append(f"micro-batch capped so the global batch stays near {opts.global_batch_size} pairs")
-    if hw.name.startswith("gaudi"):
+    if hw.device == "hpu":
         notes.append(f"HPU overhead +{hw.overhead:.0%} of the formula total, calibrated on one measured Gaudi2 "
                      f"point (Llama-2-7B LoRA + separate bf16 reference: 87 GiB)")
     if not opts.fused_attention:
@@ -748,4 +768,7 @@ def make_plan(spec: ModelSpec, hardware: Hardware, options: PlanOptions) -> Plan
         length_buckets=options.length_buckets,
         packing=_packing(hardware, options) and _chunked(hardware, options),
         chunked_logps=_chunked(hardware, options),
+        packing_attention=hardware.packing_attention,
+        static_shapes=hardware.static_shapes,
+        uses_deepspeed=c.stage > 0 or not hardware.ddp_without_deepspeed,
     )

@@ -15,7 +15,26 @@ def padding_text(plan: Plan) -> str:
         return "micro-batch packed into one row" + shapes
     if plan.length_buckets:
         return f"rows padded to <= {plan.length_buckets} bucket lengths (<= {plan.length_buckets} shapes)"
-    return "to max_length (GaudiDPOTrainer)" if plan.hardware.startswith("gaudi") else "to the longest row"
+    return "to the longest row in the data (one shape)" if plan.static_shapes else "to the longest row"
+
+
+def engine_text(plan: Plan) -> str:
+    """The engine features this plan runs with (dpo_dist/engine.py), in words."""
+    parts = ["chunked log-probs" if plan.chunked_logps else "full logits"]
+    if plan.packing:
+        parts.append("packed rows (" + ("block-diagonal mask" if plan.packing_attention == "block_mask"
+                                        else "per-row attention") + ")")
+    if plan.length_buckets:
+        parts.append(f"{plan.length_buckets} bucket {'totals' if plan.packing else 'lengths'}")
+    if plan.reference == "precomputed":
+        parts.append("reference log-prob cache")
+    if plan.static_shapes:
+        parts.append("static shapes")
+    return ", ".join(parts)
+
+
+def launch_text(plan: Plan) -> str:
+    return f"DeepSpeed ZeRO-{plan.zero_stage}" if plan.uses_deepspeed else "DDP (no DeepSpeed)"
 
 
 def render_plan_table(plan: Plan, width: int = 100) -> str:
@@ -41,6 +60,8 @@ def render_plan_table(plan: Plan, width: int = 100) -> str:
         ("gradient checkpointing", "on" if plan.gradient_checkpointing else "off"),
         ("max_length / max_prompt_length", f"{plan.max_length} / {plan.max_prompt_length}"),
         ("padding", padding_text(plan)),
+        ("engine", engine_text(plan)),
+        ("launch", launch_text(plan)),
         ("est. step time", f"{plan.est_step_time_s:.2f} s"),
         ("est. throughput", f"{plan.est_tokens_per_s:,.0f} tokens/s"),
     ]

@@ -74,10 +74,10 @@ def test_bucketed_batch_same_logps_and_loss(tiny_assets):
     """Bucketed padding (two forwards, rows padded to their bucket) = TRL's concatenated forward."""
     import torch
     from transformers import AutoTokenizer
-    from trl.trainer.dpo_trainer import DataCollatorForPreference, DPOTrainer
+    from trl.trainer.dpo_trainer import DPOTrainer
 
-    from dpo_dist.bucketing import BucketCollator
-    from dpo_dist.logprobs import build_rows, sequence_logps
+    from dpo_dist.engine import EngineCollator, EngineConfig, build_rows
+    from dpo_dist.logprobs import sequence_logps
     from dpo_dist.tiny import build_tiny_model
 
     tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
@@ -86,8 +86,8 @@ def test_bucketed_batch_same_logps_and_loss(tiny_assets):
     ex = [{"prompt_input_ids": [rng.randint(4, 500) for _ in range(rng.randint(2, 9))],
            "chosen_input_ids": [rng.randint(4, 500) for _ in range(rng.randint(1, 12))],
            "rejected_input_ids": [rng.randint(4, 500) for _ in range(rng.randint(1, 5))]} for _ in range(4)]
-    base = DataCollatorForPreference(pad_token_id=tok.pad_token_id)
-    batch = BucketCollator(base, [8, 16, 32], max_length=20)(ex)
+    cfg = EngineConfig(max_length=20, max_prompt_length=None, max_completion_length=None, pad_token_id=tok.pad_token_id)
+    batch = EngineCollator(cfg, [8, 16, 32])(ex)
     cat = DPOTrainer.concatenated_inputs(batch, padding_value=tok.pad_token_id)
     with torch.no_grad():
         ref = sequence_logps(model, *build_rows(cat["prompt_input_ids"], cat["prompt_attention_mask"],

@@ -8,7 +8,8 @@ import random
 import pytest
 import torch
 
-from dpo_dist.logprobs import build_rows, packed_sequence_logps, sequence_logps
+from dpo_dist.engine import build_rows, packed_logps
+from dpo_dist.logprobs import sequence_logps
 from dpo_dist.packing import pack_rows, register_varlen_attention, varlen_name
 
 
@@ -54,7 +55,7 @@ def test_packed_equals_unpacked(tmp_path, tiny_assets, family, attn):
     packed = pack_rows([chosen, rejected], pad_to=80, pad_value=tok.pad_token_id)
     real = int(chosen[1].sum() + rejected[1].sum())
     assert packed["input_ids"].shape == (1, 80) and packed["cu_seqlens"][-1] == real and packed["n_seqs"] == 6
-    got, _, ntok = packed_sequence_logps(model, packed, chunk_tokens=5)
+    got, _, ntok = packed_logps(model, packed, chunk_tokens=5)
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(ntok, torch.cat([chosen[2][:, 1:].sum(-1), rejected[2][:, 1:].sum(-1)]))
     got.sum().backward()
@@ -126,17 +127,17 @@ def test_packed_padding_on_long_tail_bench_data(micro_batch):
 
 
 def test_collator_pads_packed_batch_to_its_bucket_total():
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    from dpo_dist.bucketing import fed_tokens
+    from dpo_dist.engine import EngineCollator, EngineConfig
 
-    from dpo_dist.bucketing import BucketCollator, fed_tokens
-
+    cfg = EngineConfig(max_length=None, max_prompt_length=None, max_completion_length=None, pad_token_id=0, packing=True)
     ex = [{"prompt_input_ids": [5] * 3, "chosen_input_ids": [6] * 4, "rejected_input_ids": [7] * 2},
           {"prompt_input_ids": [5] * 2, "chosen_input_ids": [6] * 6, "rejected_input_ids": [7] * 1}]
-    coll = BucketCollator(DataCollatorForPreference(pad_token_id=0), [16, 32], max_length=None, packed=True)
-    batch = coll(ex)  # rows 7 + 5 + 8 + 3 = 23 tokens -> bucket 32
+    batch = EngineCollator(cfg, [16, 32])(ex)  # rows 7 + 5 + 8 + 3 = 23 tokens -> bucket 32
     assert int(batch["packed_pad_to"]) == 32 and "chosen_pad_to" not in batch
+    assert batch["packed_input_ids"].shape == (1, 32) and batch["packed_cu_seqlens"].tolist() == [0, 7, 15, 20, 23]
     assert fed_tokens(batch, None) == 32
-    small = BucketCollator(DataCollatorForPreference(pad_token_id=0), [8], max_length=None, packed=True)(ex)
+    small = EngineCollator(cfg, [8])(ex)
     assert int(small["packed_pad_to"]) == 23  # beyond every bucket: its own length, never truncated
 
 
@@ -159,4 +160,5 @@ def test_planner_sizes_packed_micro_batches_by_the_data(monkeypatch):
     assert make_plan(s, cpu, data).micro_batch_size > make_plan(s, cpu, unpacked).micro_batch_size
     assert make_plan(s, cpu, PlanOptions(**base, pair_tokens=(600.0, 2048.0), train_pairs=6)).micro_batch_size <= 3
     gaudi = make_plan(s, HARDWARE["gaudi2"], PlanOptions(cards=1))
-    assert not gaudi.packing and gaudi.length_buckets == 8  # GaudiBucketPadding: buckets, no packing
+    # The engine on Gaudi too: packed rows through a block-diagonal mask, padded to 8 bucket totals (8 graphs).
+    assert gaudi.packing and gaudi.packing_attention == "block_mask" and gaudi.length_buckets == 8 and gaudi.static_shapes

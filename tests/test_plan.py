@@ -52,7 +52,8 @@ def spec(name):
 def _calibration_options():
     cp = CALIBRATION_POINT
     return PlanOptions(cards=1, max_length=cp["max_length"], lora_r=cp["lora_r"],
-                       lora_target_modules=cp["lora_target_modules"], fused_attention=cp["fused_attention"])
+                       lora_target_modules=cp["lora_target_modules"], fused_attention=cp["fused_attention"],
+                       chunked_logps=cp["chunked_logps"], packing=cp["packing"])
 
 
 def _calibration_memory(hw):
@@ -76,7 +77,7 @@ def test_hpu_overhead_reproduces_measured_point():
 def test_speed_model_reproduces_published_dpo_baselines(hw, samples_per_s):
     """optimum-habana baselines: llama-7b LoRA r8, max_length 1024, bs 1, GA 4, 8 cards, DDP."""
     s = spec("meta-llama/Llama-2-7b-hf")
-    opts = PlanOptions(cards=8, lora_r=8, lora_target_modules=("q_proj", "v_proj"), global_batch_size=32)
+    opts = PlanOptions(cards=8, lora_r=8, lora_target_modules=("q_proj", "v_proj"), global_batch_size=32, packing=False)
     step = _step_time(s, HARDWARE[hw], opts, 1, 0, "none", 1, False, "replicated", 4)
     assert 32 / step == pytest.approx(samples_per_s, rel=0.10)
 
@@ -166,6 +167,8 @@ def test_invalid_stage_offload_combinations():
 
 def _mem(name="meta-llama/Meta-Llama-3-8B", hw="gaudi2", stage=0, offload="none", mb=1, gc=False,
          ref="adapter", **opts):
+    """The formulas without the engine (full logits, unpacked rows) unless the options turn it on."""
+    opts = {"chunked_logps": False, "packing": False, **opts}
     return estimate_memory(spec(name), HARDWARE[hw], PlanOptions(**opts), stage, offload, mb, gc, ref)
 
 
@@ -198,6 +201,22 @@ def test_memory_terms():
 def test_gemma_logits_dominate_small_models():
     m = _mem("google/gemma-3-270m", mb=4)
     assert m["logits"] > m["params"] + m["activations"]
+    # The engine's chunked log-probs keep one chunk's logits instead (on Gaudi too).
+    assert _mem("google/gemma-3-270m", mb=4, chunked_logps=True)["logits"] < m["logits"] / 10
+
+
+def test_gaudi_packing_counts_the_block_mask():
+    """Packed rows on Gaudi attend through a T x T block-diagonal mask: its bytes grow with T^2, and the attention
+    FLOPs span the whole packed row (the speed model ranks it below varlen packing)."""
+    s = spec("meta-llama/Meta-Llama-3-8B")
+    gaudi, varlen = HARDWARE["gaudi2"], replace(HARDWARE["gaudi2"], packing_attention="varlen")
+    opts = PlanOptions(cards=8, max_length=2048, max_prompt_length=512, packing=True)
+    a = estimate_memory(s, gaudi, opts, 0, "none", 2, False, "adapter")["activations"]
+    b = estimate_memory(s, varlen, opts, 0, "none", 2, False, "adapter")["activations"]
+    t = 2 * 2 * 2048
+    assert (a - b) * GIB == pytest.approx(2 * t * t * 2)
+    assert _step_time(s, gaudi, opts, 1, 0, "none", 2, False, "adapter", 4) > _step_time(
+        s, varlen, opts, 1, 0, "none", 2, False, "adapter", 4)
 
 
 def test_cpu_is_fp32_without_offload():
@@ -291,49 +310,49 @@ def test_host_ram_bounds_offload():
 
 _Z0 = (True, 0, "none", "adapter")
 GOLDEN_LORA = {
-    ("google/gemma-3-270m", "gaudi2"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-270m", "gaudi3"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-1b-it", "gaudi2"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-1b-it", "gaudi3"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-4b-it", "gaudi2"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-4b-it", "gaudi3"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-12b-it", "gaudi2"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-12b-it", "gaudi3"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("google/gemma-3-27b-it", "gaudi2"): {1: (True, 3, "optimizer+params", "adapter"), 8: (True, 3, "none", "adapter"), 16: (True, 3, "none", "adapter")},
-    ("google/gemma-3-27b-it", "gaudi3"): {1: (True, 3, "optimizer+params", "adapter"), 8: (True, 3, "none", "adapter"), 16: (True, 3, "none", "adapter")},
-    ("meta-llama/Llama-2-7b-hf", "gaudi2"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("meta-llama/Llama-2-7b-hf", "gaudi3"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("meta-llama/Llama-2-13b-hf", "gaudi2"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("meta-llama/Llama-2-13b-hf", "gaudi3"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("meta-llama/Llama-2-70b-hf", "gaudi2"): {1: (True, 3, "optimizer+params", "adapter"), 8: (True, 3, "none", "adapter"), 16: (True, 3, "none", "adapter")},
-    ("meta-llama/Llama-2-70b-hf", "gaudi3"): {1: (True, 3, "optimizer+params", "adapter"), 8: (True, 3, "none", "adapter"), 16: (True, 3, "none", "adapter")},
-    ("meta-llama/Meta-Llama-3-8B", "gaudi2"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("meta-llama/Meta-Llama-3-8B", "gaudi3"): {1: _Z0, 8: _Z0, 16: _Z0},
-    ("meta-llama/Meta-Llama-3-70B", "gaudi2"): {1: (True, 3, "optimizer+params", "adapter"), 8: (True, 3, "none", "adapter"), 16: (True, 3, "none", "adapter")},
-    ("meta-llama/Meta-Llama-3-70B", "gaudi3"): {1: (True, 3, "optimizer+params", "adapter"), 8: (True, 3, "none", "adapter"), 16: (True, 3, "none", "adapter")},
+    ('google/gemma-3-270m', 'gaudi2'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('google/gemma-3-270m', 'gaudi3'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('google/gemma-3-1b-it', 'gaudi2'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('google/gemma-3-1b-it', 'gaudi3'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('google/gemma-3-4b-it', 'gaudi2'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('google/gemma-3-4b-it', 'gaudi3'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('google/gemma-3-12b-it', 'gaudi2'): {1: _Z0, 8: (True, 3, 'none', 'adapter'), 16: _Z0},
+    ('google/gemma-3-12b-it', 'gaudi3'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('google/gemma-3-27b-it', 'gaudi2'): {1: (True, 3, 'optimizer+params', 'adapter'), 8: (True, 3, 'none', 'adapter'), 16: (True, 3, 'none', 'adapter')},
+    ('google/gemma-3-27b-it', 'gaudi3'): {1: _Z0, 8: (True, 3, 'none', 'adapter'), 16: _Z0},
+    ('meta-llama/Llama-2-7b-hf', 'gaudi2'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('meta-llama/Llama-2-7b-hf', 'gaudi3'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('meta-llama/Llama-2-13b-hf', 'gaudi2'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('meta-llama/Llama-2-13b-hf', 'gaudi3'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('meta-llama/Llama-2-70b-hf', 'gaudi2'): {1: (True, 3, 'optimizer+params', 'adapter'), 8: (True, 3, 'none', 'adapter'), 16: (True, 3, 'none', 'adapter')},
+    ('meta-llama/Llama-2-70b-hf', 'gaudi3'): {1: (True, 3, 'optimizer+params', 'adapter'), 8: (True, 3, 'none', 'adapter'), 16: (True, 3, 'none', 'adapter')},
+    ('meta-llama/Meta-Llama-3-8B', 'gaudi2'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('meta-llama/Meta-Llama-3-8B', 'gaudi3'): {1: _Z0, 8: _Z0, 16: _Z0},
+    ('meta-llama/Meta-Llama-3-70B', 'gaudi2'): {1: (True, 3, 'optimizer+params', 'adapter'), 8: (True, 3, 'none', 'adapter'), 16: (True, 3, 'none', 'adapter')},
+    ('meta-llama/Meta-Llama-3-70B', 'gaudi3'): {1: (True, 3, 'optimizer+params', 'adapter'), 8: (True, 3, 'none', 'adapter'), 16: (True, 3, 'none', 'adapter')},
 }
 _NO = (False, 3, "none", "precomputed")  # full 70B on 1 or 8 cards: leanest (non-fitting) plan shown
 GOLDEN_FULL = {
-    ("google/gemma-3-270m", "gaudi2"): {1: (True, 0, "none", "replicated"), 8: (True, 0, "none", "replicated"), 16: (True, 0, "none", "replicated")},
-    ("google/gemma-3-270m", "gaudi3"): {1: (True, 0, "none", "replicated"), 8: (True, 0, "none", "replicated"), 16: (True, 0, "none", "replicated")},
-    ("google/gemma-3-1b-it", "gaudi2"): {1: (True, 0, "none", "replicated"), 8: (True, 0, "none", "replicated"), 16: (True, 0, "none", "replicated")},
-    ("google/gemma-3-1b-it", "gaudi3"): {1: (True, 0, "none", "replicated"), 8: (True, 1, "none", "replicated"), 16: (True, 1, "none", "replicated")},
-    ("google/gemma-3-4b-it", "gaudi2"): {1: (True, 2, "optimizer", "replicated"), 8: (True, 2, "none", "replicated"), 16: (True, 1, "none", "replicated")},
-    ("google/gemma-3-4b-it", "gaudi3"): {1: (True, 1, "optimizer", "replicated"), 8: (True, 2, "none", "replicated"), 16: (True, 1, "none", "replicated")},
-    ("google/gemma-3-12b-it", "gaudi2"): {1: (True, 3, "optimizer+params", "sharded"), 8: (True, 3, "optimizer", "sharded"), 16: (True, 3, "optimizer", "sharded")},
-    ("google/gemma-3-12b-it", "gaudi3"): {1: (True, 2, "optimizer", "replicated"), 8: (True, 3, "none", "sharded"), 16: (True, 3, "none", "sharded")},
-    ("google/gemma-3-27b-it", "gaudi2"): {1: (True, 3, "optimizer+params", "sharded"), 8: (True, 3, "optimizer", "sharded"), 16: (True, 3, "optimizer", "sharded")},
-    ("google/gemma-3-27b-it", "gaudi3"): {1: (True, 3, "optimizer+params", "sharded"), 8: (True, 3, "optimizer", "sharded"), 16: (True, 3, "none", "sharded")},
-    ("meta-llama/Llama-2-7b-hf", "gaudi2"): {1: (True, 2, "optimizer", "replicated"), 8: (True, 3, "none", "sharded"), 16: (True, 2, "none", "replicated")},
-    ("meta-llama/Llama-2-7b-hf", "gaudi3"): {1: (True, 1, "optimizer", "replicated"), 8: (True, 3, "none", "sharded"), 16: (True, 2, "none", "replicated")},
-    ("meta-llama/Llama-2-13b-hf", "gaudi2"): {1: (True, 3, "optimizer+params", "sharded"), 8: (True, 3, "none", "sharded"), 16: (True, 3, "none", "sharded")},
-    ("meta-llama/Llama-2-13b-hf", "gaudi3"): {1: (True, 2, "optimizer", "replicated"), 8: (True, 3, "none", "sharded"), 16: (True, 3, "none", "sharded")},
-    ("meta-llama/Llama-2-70b-hf", "gaudi2"): {1: (False, 3, "none", "sharded"), 8: (False, 3, "none", "sharded"), 16: (True, 3, "optimizer", "sharded")},
-    ("meta-llama/Llama-2-70b-hf", "gaudi3"): {1: (False, 3, "none", "sharded"), 8: (False, 3, "none", "sharded"), 16: (True, 3, "optimizer", "sharded")},
-    ("meta-llama/Meta-Llama-3-8B", "gaudi2"): {1: (True, 2, "optimizer", "replicated"), 8: (True, 3, "none", "sharded"), 16: (True, 3, "none", "sharded")},
-    ("meta-llama/Meta-Llama-3-8B", "gaudi3"): {1: (True, 2, "optimizer", "replicated"), 8: (True, 3, "none", "sharded"), 16: (True, 2, "none", "replicated")},
-    ("meta-llama/Meta-Llama-3-70B", "gaudi2"): {1: (False, 3, "none", "sharded"), 8: (False, 3, "none", "sharded"), 16: (True, 3, "optimizer", "sharded")},
-    ("meta-llama/Meta-Llama-3-70B", "gaudi3"): {1: (False, 3, "none", "sharded"), 8: (False, 3, "none", "sharded"), 16: (True, 3, "optimizer", "sharded")},
+    ('google/gemma-3-270m', 'gaudi2'): {1: (True, 0, 'none', 'precomputed'), 8: (True, 0, 'none', 'precomputed'), 16: (True, 0, 'none', 'precomputed')},
+    ('google/gemma-3-270m', 'gaudi3'): {1: (True, 0, 'none', 'precomputed'), 8: (True, 0, 'none', 'precomputed'), 16: (True, 0, 'none', 'precomputed')},
+    ('google/gemma-3-1b-it', 'gaudi2'): {1: (True, 0, 'none', 'precomputed'), 8: (True, 0, 'none', 'precomputed'), 16: (True, 0, 'none', 'precomputed')},
+    ('google/gemma-3-1b-it', 'gaudi3'): {1: (True, 0, 'none', 'precomputed'), 8: (True, 0, 'none', 'precomputed'), 16: (True, 0, 'none', 'precomputed')},
+    ('google/gemma-3-4b-it', 'gaudi2'): {1: (True, 1, 'optimizer', 'precomputed'), 8: (True, 2, 'none', 'precomputed'), 16: (True, 1, 'none', 'precomputed')},
+    ('google/gemma-3-4b-it', 'gaudi3'): {1: (True, 1, 'optimizer', 'precomputed'), 8: (True, 1, 'none', 'precomputed'), 16: (True, 1, 'none', 'precomputed')},
+    ('google/gemma-3-12b-it', 'gaudi2'): {1: (True, 2, 'optimizer', 'precomputed'), 8: (True, 3, 'none', 'precomputed'), 16: (True, 2, 'none', 'precomputed')},
+    ('google/gemma-3-12b-it', 'gaudi3'): {1: (True, 2, 'optimizer', 'precomputed'), 8: (True, 3, 'none', 'precomputed'), 16: (True, 2, 'none', 'precomputed')},
+    ('google/gemma-3-27b-it', 'gaudi2'): {1: (True, 3, 'optimizer+params', 'precomputed'), 8: (True, 3, 'optimizer', 'precomputed'), 16: (True, 3, 'none', 'precomputed')},
+    ('google/gemma-3-27b-it', 'gaudi3'): {1: (True, 2, 'optimizer', 'precomputed'), 8: (True, 3, 'optimizer', 'precomputed'), 16: (True, 3, 'none', 'precomputed')},
+    ('meta-llama/Llama-2-7b-hf', 'gaudi2'): {1: (True, 2, 'optimizer', 'precomputed'), 8: (True, 2, 'none', 'precomputed'), 16: (True, 1, 'none', 'precomputed')},
+    ('meta-llama/Llama-2-7b-hf', 'gaudi3'): {1: (True, 1, 'optimizer', 'precomputed'), 8: (True, 2, 'none', 'precomputed'), 16: (True, 1, 'none', 'precomputed')},
+    ('meta-llama/Llama-2-13b-hf', 'gaudi2'): {1: (True, 2, 'optimizer', 'precomputed'), 8: (True, 2, 'optimizer', 'precomputed'), 16: (True, 2, 'none', 'precomputed')},
+    ('meta-llama/Llama-2-13b-hf', 'gaudi3'): {1: (True, 2, 'optimizer', 'precomputed'), 8: (True, 3, 'none', 'precomputed'), 16: (True, 2, 'none', 'precomputed')},
+    ('meta-llama/Llama-2-70b-hf', 'gaudi2'): {1: (False, 3, 'none', 'precomputed'), 8: (False, 3, 'none', 'precomputed'), 16: (True, 3, 'optimizer', 'precomputed')},
+    ('meta-llama/Llama-2-70b-hf', 'gaudi3'): {1: (False, 3, 'none', 'precomputed'), 8: (False, 3, 'none', 'precomputed'), 16: (True, 3, 'optimizer', 'precomputed')},
+    ('meta-llama/Meta-Llama-3-8B', 'gaudi2'): {1: (True, 2, 'optimizer', 'precomputed'), 8: (True, 3, 'none', 'precomputed'), 16: (True, 2, 'none', 'precomputed')},
+    ('meta-llama/Meta-Llama-3-8B', 'gaudi3'): {1: (True, 1, 'optimizer', 'precomputed'), 8: (True, 2, 'none', 'precomputed'), 16: (True, 2, 'none', 'precomputed')},
+    ('meta-llama/Meta-Llama-3-70B', 'gaudi2'): {1: (False, 3, 'none', 'precomputed'), 8: (False, 3, 'none', 'precomputed'), 16: (True, 3, 'optimizer', 'precomputed')},
+    ('meta-llama/Meta-Llama-3-70B', 'gaudi3'): {1: (False, 3, 'none', 'precomputed'), 8: (False, 3, 'none', 'precomputed'), 16: (True, 3, 'optimizer', 'precomputed')},
 }
 
 
@@ -405,7 +424,7 @@ def test_plan_json_keys(golden):
         "fits", "zero_stage", "offload", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
         "reference", "world_size", "nodes", "cards_per_node", "card_memory_gib", "hardware", "model", "use_peft",
         "max_length", "max_prompt_length", "memory_gib", "est_step_time_s", "est_tokens_per_s", "notes", "suggestion",
-        "length_buckets", "packing", "chunked_logps",
+        "length_buckets", "packing", "chunked_logps", "packing_attention", "static_shapes", "uses_deepspeed",
     }
     assert set(d["memory_gib"]) == {"params", "grads", "optimizer", "reference", "activations", "logits", "buffers",
                                     "overhead", "total"}

@@ -34,7 +34,7 @@ def _build(tiny, tmp_path, *, reference, max_length=96, cache_dir=None, extra=()
     model = load()
     ref = load() if reference == "replicated" else None
     set_seed(t.seed)
-    return build_trainer(setup, model_args=m, data_args=d, train_args=t, model=model, ref_model=ref, tokenizer=tok,
+    return build_trainer(setup, backend=backend, model_args=m, data_args=d, train_args=t, model=model, ref_model=ref, tokenizer=tok,
                          train_dataset=train, eval_dataset=held, peft_config=None, callbacks=[], load_reference=load)
 
 
@@ -42,10 +42,10 @@ def test_cache_equals_trl_hits_misses_and_same_first_loss(tiny_assets, tmp_path)
     cache = tmp_path / "refcache"
     live = _build(tiny_assets, tmp_path, reference="replicated", cache_dir=cache)
     # TRL's own reference log-probs on the same tokenised rows (its compute_ref_log_probs, unchunked).
-    live.dpodist_chunked_logps = False
     batch = live.data_collator([live.train_dataset[i] for i in range(len(live.train_dataset))])
+    engine, live.dpodist_engine = live.dpodist_engine, None
     trl_c, trl_r = live.compute_ref_log_probs(batch)
-    live.dpodist_chunked_logps = True
+    live.dpodist_engine = engine
 
     first = _build(tiny_assets, tmp_path, reference="precomputed", cache_dir=cache)
     assert first.dpodist_ref_cache["hit"] is False and first.ref_model is None

@@ -1,0 +1,55 @@
+"""The --deepspeed config as the ranks read it: one reader, checked, with errors that name the fix."""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+from dpo_dist.args import ArgumentError
+
+
+def read_ds_config(ds_config) -> Optional[dict]:
+    """The --deepspeed config as a dict (a JSON file path, a JSON string or a dict); None without DeepSpeed."""
+    if ds_config in (None, ""):
+        return None
+    if isinstance(ds_config, dict):
+        cfg, name = ds_config, "config"
+    else:
+        name = str(ds_config)
+        try:
+            if name.lstrip().startswith("{"):
+                cfg = json.loads(name)
+            else:
+                with open(name) as fh:
+                    cfg = json.load(fh)
+        except OSError as e:
+            raise ArgumentError(f"--deepspeed {name}: cannot read it ({e.strerror}).") from e
+        except json.JSONDecodeError as e:
+            raise ArgumentError(
+                f"--deepspeed {name}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
+                "Start from a template in ds_configs/."
+            ) from e
+    if not isinstance(cfg, dict):
+        raise ArgumentError(
+            f"--deepspeed {name}: expected a JSON object ({{...}}), got a JSON {type(cfg).__name__}. "
+            "Start from a template in ds_configs/."
+        )
+    zero = cfg.get("zero_optimization", {})
+    if not isinstance(zero, dict):
+        raise ArgumentError(
+            f"--deepspeed {name}: zero_optimization must be an object such as {{\"stage\": 3}}, "
+            f"got {zero!r}. Start from a template in ds_configs/."
+        )
+    stage = zero.get("stage", 0)
+    if isinstance(stage, bool) or stage not in (0, 1, 2, 3):
+        raise ArgumentError(
+            f"--deepspeed {name}: zero_optimization.stage must be 0, 1, 2 or 3 (got {stage!r}). "
+            "Fix the number (3 shards parameters, gradients and optimizer state), or start from ds_configs/zero3.json."
+        )
+    return cfg
+
+
+def zero_stage_of(ds_config) -> int:
+    """ZeRO stage named in the --deepspeed config (0 when no DeepSpeed)."""
+    cfg = read_ds_config(ds_config)
+    return int(cfg.get("zero_optimization", {}).get("stage", 0)) if cfg else 0

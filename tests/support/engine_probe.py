@@ -1,0 +1,125 @@
+"""One batch through the engine, as the CPU path runs it or as the HPU path does: log-probs, loss, gradients.
+
+    python tests/support/engine_probe.py --path hpu --model DIR --data DIR --out probe.json   (in the Gaudi twin)
+    probe(path="cpu", ...)                                                                    (in the main venv)
+
+The HPU path is optimum-habana's: ``adapt_transformers_to_gaudi()`` before the model loads (Gaudi model classes,
+FusedSDPA through ``use_flash_attention``), static shapes, packed rows through a block-diagonal mask. The CPU path
+is trl 0.22's side: plain transformers models, per-row (varlen) packing, dynamic shapes. Both tokenise and collate
+the same rows with the engine. Each variant (rows padded to the longest, rows padded to buckets, packed) gives the
+chosen/rejected log-probs, the DPO loss against fixed reference log-probs, and the gradient of that loss per
+parameter; tests/twin/test_engine_equality.py compares them across paths and variants.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+VARIANTS = ("rows", "buckets", "packed")
+MAX_LENGTH, MAX_PROMPT = 96, 48
+
+
+def _rows(data_dir: Path, tokenizer, n: int) -> list[dict]:
+    from dpo_dist.data import split_hh_transcript
+
+    out = []
+    for i, line in enumerate(open(data_dir / "train.jsonl")):
+        if i >= n:
+            break
+        r = json.loads(line)
+        p, c, rj = split_hh_transcript(r["chosen"], r["rejected"], i)
+        out.append({"prompt": tokenizer.bos_token + p, "chosen": c, "rejected": rj})
+    return out
+
+
+def _with_sliding_window(model_dir: str, window: int) -> str:
+    """A copy of the model folder whose sliding-window layers see only ``window`` tokens (shorter than the rows,
+    so the packed mask's band matters)."""
+    import shutil
+    import tempfile
+
+    dst = Path(tempfile.mkdtemp(prefix="probe-sliding-")) / "model"
+    shutil.copytree(model_dir, dst)
+    cfg = json.loads((dst / "config.json").read_text())
+    cfg["sliding_window"] = window
+    (dst / "config.json").write_text(json.dumps(cfg))
+    return str(dst)
+
+
+def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: str = "sigmoid",
+          sliding_window: int | None = None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from dpo_dist.backend import _BACKENDS, _TWIN
+    from dpo_dist.bucketing import choose_buckets, pair_row_lengths
+    from dpo_dist.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics, tokenize_pair
+    from dpo_dist.modeling import load_model
+
+    backend = _TWIN if path == "hpu" else _BACKENDS["cpu"]
+    if sliding_window:
+        model_dir = _with_sliding_window(model_dir, sliding_window)
+    if path == "hpu":
+        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
+
+        adapt_transformers_to_gaudi()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    examples = [tokenize_pair(r, tok, MAX_PROMPT, MAX_LENGTH - MAX_PROMPT) for r in _rows(Path(data_dir), tok, pairs)]
+    columns = {k: [e[k] for e in examples] for k in examples[0]}
+    chosen, rejected = pair_row_lengths(columns, MAX_LENGTH)
+    args = type("A", (), {"model_name_or_path": model_dir, "attn_implementation": None, "trust_remote_code": False})
+    out = {"path": path, "model_class": None, "variants": {}}
+    for variant in VARIANTS:
+        packing = variant == "packed"
+        torch.manual_seed(0)
+        model, _ = load_model(args, device="cpu", bf16=False, packing=packing and backend.packing_attention == "varlen")
+        model.train()  # dropout is 0 in the tiny configs; train mode is what a step runs in
+        out["model_class"] = type(model).__name__
+        cfg = EngineConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, max_completion_length=MAX_LENGTH - MAX_PROMPT,
+                           pad_token_id=tok.pad_token_id, loss_type=loss_type, beta=0.1, packing=packing,
+                           packing_attention=backend.packing_attention, static_shapes=backend.static_shapes,
+                           forward_kwargs=dict(backend.forward_kwargs), chunked=True)
+        if variant == "rows":
+            buckets = None
+        elif packing:
+            buckets = [sum(chosen) + sum(rejected) + 13]  # one bucket total past the batch's: a padded tail
+        else:
+            buckets = choose_buckets(chosen + rejected, 3)
+        batch = EngineCollator(cfg, buckets)(examples)
+        policy = forward_logps(model, batch, cfg)
+        ref_c = policy["chosen_logps"].detach() - 0.5 - 0.1 * torch.arange(pairs)
+        ref_r = policy["rejected_logps"].detach() + 0.25
+        loss, metrics = loss_and_metrics(policy, ref_c, ref_r, cfg, gather=lambda t: t)
+        loss.backward()
+        grads = {n: p.grad.double().pow(2).sum().sqrt().item() for n, p in model.named_parameters() if p.grad is not None}
+        out["variants"][variant] = {
+            "chosen_logps": policy["chosen_logps"].tolist(), "rejected_logps": policy["rejected_logps"].tolist(),
+            "loss": loss.item(), "accuracy": float(metrics["rewards/accuracies"]), "grad_norms": grads,
+            "shape": [int(x) for x in (batch["packed_input_ids"].shape if packing else batch["chosen_input_ids"].shape)],
+        }
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--path", choices=("cpu", "hpu"), required=True)
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--loss_type", default="sigmoid")
+    p.add_argument("--sliding_window", type=int, default=None)
+    a = p.parse_args(argv)
+    Path(a.out).write_text(json.dumps(probe(a.path, a.model, a.data, loss_type=a.loss_type,
+                                            sliding_window=a.sliding_window)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

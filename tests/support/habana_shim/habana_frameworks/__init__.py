@@ -1,0 +1,1 @@
+"""Test stand-in for Intel Gaudi's `habana_frameworks` (see ../README.md). Never shipped."""

@@ -1,0 +1,1 @@
+"""Real: Habana's fused kernels, optimizers and normalisations."""

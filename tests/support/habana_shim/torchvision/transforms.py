@@ -1,0 +1,1 @@
+"""Test stand-in: imported, never used (GLM-4V's image transforms)."""
