@@ -136,11 +136,24 @@ def run(model_args, data_args, train_args, sft_args):
             "stage": "sft", "backend": backend.device, "world_size": args.world_size, "steps": trainer.state.global_step,
             "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
             "train_losses": losses, "eval_loss": metrics.get("eval_loss"), "model": model_args.model_name_or_path,
-            "use_peft": model_args.use_peft,
+            "use_peft": model_args.use_peft, "trainer": type(trainer).__name__,
+            "loss_token_fraction": loss_token_fraction(trainer.train_dataset),
         })
         logger.info("sft done: %d steps, loss %s -> %s, eval loss %.4f", trainer.state.global_step,
                     losses[0] if losses else None, losses[-1] if losses else None, metrics.get("eval_loss", float("nan")))
     trainer.accelerator.wait_for_everyone()
+
+
+def loss_token_fraction(ds):
+    """Share of the training tokens that carry loss: below 1 when the prompt is left out (response-only SFT). Read from
+    the rows the trainer tokenised: labels (-100 = no loss) on the Gaudi path, trl 0.22's completion_mask elsewhere."""
+    if "labels" in ds.column_names:
+        rows = ds["labels"]
+        return sum(sum(x != -100 for x in r) for r in rows) / max(1, sum(len(r) for r in rows))
+    if "completion_mask" in ds.column_names:
+        rows = ds["completion_mask"]
+        return sum(sum(r) for r in rows) / max(1, sum(len(r) for r in rows))
+    return None
 
 
 def _checkpoint(train_args):

@@ -1,9 +1,10 @@
-"""`python -m launch` / `dpo-launch`: plan, train, doctor.
+"""`python -m launch` / `dpo-launch`: plan, train, doctor, selfcheck.
 
     python -m launch plan  --model meta-llama/Llama-3-70B --hardware gaudi2 --cards 8
     python -m launch plan  --model M --hardware cpu --cards 2 -- --dataset_name DATA   (sized by DATA's lengths)
     python -m launch train --model M --hardware gaudi2 --cards 8 [--hostfile F] [--dry-run] [-- dpo.py args]
     python -m launch doctor [--hardware gaudi2] [--hostfile F]
+    python -m launch selfcheck [--hardware gaudi2] [--cards N] [--out_dir D]   (a new node: doctor, short runs, report)
 
 Data flows one way: model config + hardware + options → Plan → DeepSpeed config + command →
 spawn. Everything before `spawn` is pure and importable without torch.
@@ -377,7 +378,17 @@ def cmd_doctor(argv) -> int:
     return run_doctor(hardware=a.hardware, hostfile=a.hostfile, cards=a.cards, ssh_port=a.ssh_port)
 
 
-COMMANDS = {"plan": cmd_plan, "train": cmd_train, "doctor": cmd_doctor}
+def cmd_selfcheck(argv) -> int:
+    from launch.selfcheck import SelfcheckArguments, run_selfcheck
+
+    a = _parse(SelfcheckArguments, argv)
+    try:
+        return run_selfcheck(a)
+    except ValueError as e:
+        raise LaunchError(str(e)) from None
+
+
+COMMANDS = {"plan": cmd_plan, "train": cmd_train, "doctor": cmd_doctor, "selfcheck": cmd_selfcheck}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

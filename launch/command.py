@@ -418,8 +418,9 @@ def build_launch_command(
         spawn = ([check_no_control(env_in["GAUDI_SPAWN"], "GAUDI_SPAWN", CommandError)] if env_in.get("GAUDI_SPAWN")
                  else ["-m", "launch.gaudi_spawn"])
         reshell(args, _VIA_GAUDI_SPAWN, RESHELL_SAFE_CHARS)
-        mode = "--use_deepspeed" if deepspeed else "--use_mpi"
-        argv = [python, *spawn, "--world_size", str(cards), mode, "--master_port", str(port), script_path] + args
+        # One card without DeepSpeed is a plain process: no launcher flag (gaudi_spawn would ignore --use_mpi).
+        mode = ["--use_deepspeed"] if deepspeed else (["--use_mpi"] if cards > 1 else [])
+        argv = [python, *spawn, "--world_size", str(cards), *mode, "--master_port", str(port), script_path] + args
         if deepspeed:
             inner = (f"deepspeed --num_nodes 1 --num_gpus {cards} --no_local_rank --master_port {port}" if cards > 1
                      else f"deepspeed --num_gpus 1 --master_port {port}")

@@ -3,7 +3,7 @@ explain every problem with its fix.
 
     python -m launch doctor [--hardware gaudi2|gaudi3|cuda|cpu] [--cards N] [--hostfile F] [--ssh_port 22]
 
-What it checks (DESIGN.md §3 and §6):
+What it checks:
 
 1. **Versions** of the installed packages against the pins of the environment the hardware
    needs, read with `importlib.metadata` only (nothing heavy is imported):
@@ -11,7 +11,9 @@ What it checks (DESIGN.md §3 and §6):
      accelerate 1.10.1, trl 0.22.2, peft 0.17.1, datasets 3.6.0, deepspeed 0.19.8;
    - Gaudi (the Dockerfile, requirements-gaudi.txt): optimum-habana 1.21.2, trl 0.9.6,
      peft 0.17.0, transformers 4.55.x, accelerate 1.10.1, optimum 2.0.x, DeepSpeed from
-     HabanaAI's fork (`+hpu.synapse.v…`), torch as shipped by the Habana image.
+     HabanaAI's fork (`+hpu.synapse.v…`), torch as shipped by the Habana image, and the
+     SynapseAI bridge (`habana-torch-plugin`) at 1.24, the release optimum-habana 1.21.2 is
+     validated with (`CURRENTLY_VALIDATED_SYNAPSE_VERSION`).
    A missing package or a different minor version fails (the trainer APIs differ); a different
    patch release is a warning.
 2. **The accelerator.** HPU: `PT_HPU_LAZY_MODE` must be `1` (SynapseAI >= 1.21 defaults to 0,
@@ -46,9 +48,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence, TextIO
 
+from dpo_dist.backend import TWIN_ENV, twin_requested
+
 __all__ = ["Check", "CPU_PINS", "GAUDI_PINS", "collect_checks", "render_checks", "run_doctor", "version_status"]
 
-# DESIGN.md §6. "X.Y.*" means any patch release of X.Y.
+# "X.Y.*" means any patch release of X.Y.
 CPU_PINS = {
     "torch": "2.13.0",
     "transformers": "4.55.4",
@@ -59,8 +63,8 @@ CPU_PINS = {
     "deepspeed": "0.19.8",
 }
 # optimum-habana 1.21.2 requires transformers>=4.55,<4.56, accelerate<=1.10.1, optimum>=2.0,<2.1;
-# its DPO example pins trl==0.9.6 and peft==0.17.0 (DESIGN.md §3). torch and deepspeed come
-# from the Habana image and HabanaAI/DeepSpeed, and are checked separately.
+# its DPO example pins trl==0.9.6 and peft==0.17.0. torch and deepspeed come from the Habana image and
+# HabanaAI/DeepSpeed, and are checked separately.
 GAUDI_PINS = {
     "optimum-habana": "1.21.2",
     "transformers": "4.55.*",
@@ -69,6 +73,8 @@ GAUDI_PINS = {
     "peft": "0.17.0",
     "optimum": "2.0.*",
 }
+# The SynapseAI release optimum-habana 1.21.2 is validated with (its CURRENTLY_VALIDATED_SYNAPSE_VERSION).
+VALIDATED_SYNAPSE = "1.24.*"
 HARDWARE_CHOICES = ("gaudi2", "gaudi3", "hpu", "cuda", "cpu")
 DEFAULT_SSH_PORT = 22
 HABANA_SSH_PORT = 3022
@@ -144,14 +150,14 @@ def _installed(dist: str) -> Optional[str]:
         return None
 
 
-def _version_checks(kind: str, version_of: Callable[[str], Optional[str]]) -> List[Check]:
+def _version_checks(kind: str, version_of: Callable[[str], Optional[str]], twin: bool = False) -> List[Check]:
     sec = "versions"
     gaudi = kind == "hpu"
     pins = GAUDI_PINS if gaudi else CPU_PINS
     env_name = "Gaudi (Dockerfile, requirements-gaudi.txt)" if gaudi else "CPU/CUDA (requirements.txt, make setup)"
     fix = _GAUDI_FIX if gaudi else _CPU_FIX
     checks = [Check(sec, "python", INFO, f"Python {platform.python_version()} ({sys.executable}); "
-                                         f"pins for the {env_name} environment, DESIGN.md §6")]
+                                         f"pins for the {env_name} environment")]
     for dist, want in pins.items():
         have = version_of(dist)
         status = version_status(have, want)
@@ -177,7 +183,10 @@ def _version_checks(kind: str, version_of: Callable[[str], Optional[str]]) -> Li
         else:
             checks.append(Check(sec, "torch", INFO, f"{torch_v} (from the Habana image; not pinned here)"))
         ds = version_of("deepspeed")
-        if ds is None:
+        if twin:
+            checks.append(Check(sec, "deepspeed", INFO, f"{ds or 'not installed'}; the Gaudi twin runs DDP plans only "
+                                                        "(optimum-habana refuses non-Habana DeepSpeed off an HPU)"))
+        elif ds is None:
             checks.append(Check(sec, "deepspeed", FAIL, "not installed",
                                 "pip install git+https://github.com/HabanaAI/DeepSpeed.git@<SynapseAI version> "
                                 "(the Dockerfile does this)"))
@@ -189,9 +198,18 @@ def _version_checks(kind: str, version_of: Callable[[str], Optional[str]]) -> Li
         else:
             checks.append(Check(sec, "deepspeed", OK, f"{ds} (HabanaAI fork)"))
         plugin = version_of("habana-torch-plugin")
-        if plugin is not None:
-            checks.append(Check(sec, "habana-torch-plugin", INFO, f"{plugin} (SynapseAI PyTorch bridge; optimum-habana "
-                                                                  "1.21.2 is validated with SynapseAI 1.24)"))
+        status = version_status(plugin, VALIDATED_SYNAPSE)
+        if plugin is None:
+            checks.append(Check(sec, "habana-torch-plugin", FAIL, "not installed: no SynapseAI PyTorch bridge",
+                                "run inside Habana's 1.24 PyTorch image (the Dockerfile's FROM line)"))
+        elif status == OK:
+            checks.append(Check(sec, "habana-torch-plugin", OK, f"{plugin} (SynapseAI 1.24, the release optimum-habana "
+                                                                "1.21.2 is validated with)"))
+        else:
+            checks.append(Check(sec, "habana-torch-plugin", WARN,
+                                f"{plugin}: optimum-habana 1.21.2 is validated with SynapseAI 1.24 only (it warns of "
+                                "'undefined behavior' otherwise)",
+                                "use the 1.24 Habana image and HabanaAI/DeepSpeed of the same release (see the Dockerfile)"))
     return checks
 
 
@@ -535,8 +553,14 @@ def collect_checks(hardware: Optional[str] = None, hostfile: Optional[str] = Non
     elif cards is not None and kind == "hpu" and cards > 8:
         checks.append(Check("setup", "cards", FAIL, f"--cards {cards}: a Gaudi node has 8 cards",
                             "use --cards 8 per node and a hostfile for more nodes"))
-    checks += _version_checks(kind, version_of)
-    if kind == "hpu":
+    twin = kind == "hpu" and twin_requested(env)
+    checks += _version_checks(kind, version_of, twin=twin)
+    if twin:
+        checks.append(Check("accelerator", "Gaudi twin", INFO,
+                            f"${TWIN_ENV} is set: optimum-habana's code runs on CPU ranks (a development aid, "
+                            "tests/support/habana_shim stands in for habana_frameworks); no Gaudi card is checked"))
+        checks += _cpu_checks(cards)
+    elif kind == "hpu":
         checks += _hpu_checks(env, cards, run_tool)
     elif kind == "cuda":
         checks += _cuda_checks(env, cards, run_tool)

@@ -8,7 +8,7 @@ Everything here is pure: no torch, no I/O.
 
 Memory per card (bytes; Ψ parameters, N data-parallel cards, p = 2 bytes in bf16, 4 in fp32)
 ----------------------------------------------------------------------------------------
-Model states follow DESIGN §4 (ZeRO paper) plus the fp32 copy of the gradient partition
+Model states follow the ZeRO paper plus the fp32 copy of the gradient partition
 that DeepSpeed makes for the optimizer step, as DeepSpeed's own estimators count it
 (``18 = 2 grads16 + 4 grads32 + 4 params32 + 8 optimizer``)::
 
@@ -52,7 +52,7 @@ Buffers: DeepSpeed's reduce bucket (h² elements, double-buffered with overlap_c
 for ZeRO-3, the prefetch bucket (0.9·h²): the sizes launch/dsconfig.py writes.
 
 Overhead: ``Hardware.overhead`` × the sum above. For Gaudi it is CALIBRATED on the one
-measured single-card DPO point (DESIGN §3): Llama-2-7B, LoRA r8 (q_proj, v_proj), separate
+measured single-card DPO point (``CALIBRATION_POINT``): Llama-2-7B, LoRA r8 (q_proj, v_proj), separate
 bf16 reference, max_length 1024, micro-batch 1, no gradient checkpointing, no DeepSpeed,
 optimum-habana's non-fused attention: 87 GiB on Gaudi2 where the formulas give 44.7 GiB, so
 overhead = 87 / 44.7 − 1 ≈ 0.95. One point cannot separate a fixed runtime reserve from a
@@ -170,7 +170,15 @@ HARDWARE: dict[str, Hardware] = {
     ),
 }
 
-# The measured Gaudi2 point the HPU overhead is calibrated on (DESIGN §3).
+# optimum-habana's published DPO throughput (its test baselines): huggyllama/llama-7b (6.74B parameters), LoRA r8,
+# max_length 1024 (every pair padded to 2 x 1024 tokens), micro-batch 1, gradient accumulation 4, 8 cards, DDP.
+# Hardware.mfu is calibrated on them; `launch selfcheck` compares a node's measured figures with them.
+PUBLISHED_DPO_BASELINES = {
+    "gaudi2": dict(pairs_per_s=13.5, cards=8, params=6_738_415_616, tokens_per_pair=2 * 1024),
+    "gaudi3": dict(pairs_per_s=15.1, cards=8, params=6_738_415_616, tokens_per_pair=2 * 1024),
+}
+
+# The measured Gaudi2 point the HPU overhead is calibrated on.
 CALIBRATION_POINT = dict(
     model="meta-llama/Llama-2-7b-hf", hardware="gaudi2", measured_gib=87.0,
     lora_r=8, lora_target_modules=("q_proj", "v_proj"), max_length=1024, micro_batch_size=1,
@@ -503,7 +511,7 @@ def dpo_step_flops(spec: ModelSpec, tokens: float, use_peft: bool, reference: st
     Policy: forward F + backward 2F for a full fine-tune (6NT); with LoRA the weight
     gradients vanish but activation gradients remain, 4NT (attention has no weights, its
     backward stays 2x). Reference: one forward (2NT) unless precomputed. Totals: full ≈ 8NT,
-    LoRA ≈ 6NT, minus 2NT when precomputed (DESIGN §4). The attention term, 4·L·d·s per token
+    LoRA ≈ 6NT, minus 2NT when precomputed. The attention term, 4·L·d·s per token
     per forward (12 for forward+backward, PaLM-style, no causal halving, no sliding-window
     discount for Gemma 3), is added when ``seq_len`` is given. Recompute from gradient
     checkpointing is not model FLOPs and is not counted here.
@@ -519,7 +527,7 @@ def dpo_step_flops(spec: ModelSpec, tokens: float, use_peft: bool, reference: st
 
 def mfu(spec: ModelSpec, tokens_per_s_per_card: float, hardware: Hardware, use_peft: bool, reference: str,
         seq_len: int | None = None) -> float:
-    """Model FLOPs utilisation, counting the reference pass (DESIGN §5)."""
+    """Model FLOPs utilisation, counting the reference pass (a step's reference forward is real work)."""
     flops_per_token = dpo_step_flops(spec, 1.0, use_peft, reference, seq_len)
     return flops_per_token * tokens_per_s_per_card / (hardware.peak_bf16_tflops * 1e12)
 

@@ -103,17 +103,20 @@ def test_installed_versions_equal_the_pins():
     assert not wrong, f"installed != pinned (run `rm -f .venv/.installed && make setup`): {wrong}"
 
 
-def test_makefile_installs_torch_first_and_alone():
+@pytest.mark.parametrize("target,requirements_file", [("$(VENV)/.installed", "requirements.txt"),
+                                                      ("$(TWIN_STAMP)", "requirements-gaudi.txt")])
+def test_makefile_installs_torch_first_and_alone(target, requirements_file):
+    """Both venvs (.venv and the Gaudi twin's) get torch first and alone, so no requirement can pull another build."""
     text = (ROOT / "Makefile").read_text()
     m = re.search(r"^TORCH_SPEC\s*\?=\s*(\S+)\s*$", text, re.M)
     assert m and m.group(1) == f"torch=={TORCH_PIN}"
-    m = re.search(r"^\$\(STAMP\):.*\n((?:\t.*\n)+)", text, re.M)
-    assert m, "no $(STAMP) install rule in the Makefile"
+    m = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, re.M)
+    assert m, f"no {target} install rule in the Makefile"
     installs = [ln.strip() for ln in m.group(1).splitlines() if "pip install" in ln and "--upgrade pip" not in ln]
     assert installs, "the install rule has no pip install"
     assert re.search(r'pip install(?: -q)? "?\$\(TORCH_SPEC\)"?$', installs[0]), \
         f"the first pip install must install torch alone: {installs[0]!r}"
-    assert "-r requirements.txt" in installs[1], installs
+    assert f"-r {requirements_file}" in installs[1], installs
     assert all("TORCH_SPEC" not in ln and "torch" not in ln.split("pip install", 1)[1] for ln in installs[1:])
 
 

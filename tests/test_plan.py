@@ -76,6 +76,9 @@ def test_hpu_overhead_reproduces_measured_point():
 @pytest.mark.parametrize("hw,samples_per_s", [("gaudi2", 13.5), ("gaudi3", 15.1)])
 def test_speed_model_reproduces_published_dpo_baselines(hw, samples_per_s):
     """optimum-habana baselines: llama-7b LoRA r8, max_length 1024, bs 1, GA 4, 8 cards, DDP."""
+    from launch.plan import PUBLISHED_DPO_BASELINES
+
+    assert PUBLISHED_DPO_BASELINES[hw]["pairs_per_s"] == samples_per_s
     s = spec("meta-llama/Llama-2-7b-hf")
     opts = PlanOptions(cards=8, lora_r=8, lora_target_modules=("q_proj", "v_proj"), global_batch_size=32, packing=False)
     step = _step_time(s, HARDWARE[hw], opts, 1, 0, "none", 1, False, "replicated", 4)
