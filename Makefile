@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 IN_GAUDI_IMAGE := $(shell $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('habana_frameworks') is None)" 2>/dev/null && echo 1)
 ifeq ($(IN_GAUDI_IMAGE),1)
 PY := $(PYTHON)
-STAMP :=
+STAMP := image-python
 else
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
@@ -56,7 +56,7 @@ help:
 
 setup: $(STAMP)
 
-$(VENV)/.installed: requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
@@ -68,6 +68,12 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	@# killed (timeouts, the dying-rank tests) can leave a stale build lock that blocks every later CPU run.
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $@
+
+ifeq ($(IN_GAUDI_IMAGE),1)
+# In the Habana image the environment is the image's (Dockerfile): nothing to install.
+.PHONY: image-python
+image-python: ;
+endif
 
 setup-gaudi-twin: $(TWIN_STAMP)
 

@@ -20,7 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dpo_dist.backend import twin_requested
 from dpo_dist.logging_utils import redact
+from launch.plan import HARDWARE
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ROOT / "recipes"
@@ -118,7 +120,7 @@ def run_pipeline(a: PipelineArguments) -> int:
     data = ["--dataset_name", a.dataset_name]
     t0 = time.perf_counter()
     try:
-        if a.hardware.startswith("gaudi") and not a.skip_hw_check:
+        if HARDWARE[a.hardware].device == "hpu" and not (a.skip_hw_check or twin_requested()):
             if shutil.which("hl-smi") is None:
                 raise StepFailed("hardware check", "hl-smi not found: is this a Gaudi node with the Habana driver? "
                                  "(--skip_hw_check to skip)")

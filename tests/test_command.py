@@ -97,6 +97,29 @@ def test_hpu_single_node_without_gaudi_spawn_uses_the_same_launcher_from_the_whe
     assert "GAUDI_SPAWN is not set" in cmd.description
 
 
+def test_hpu_ddp_plan_starts_ranks_with_mpi_like_the_upstream_dpo_baseline():
+    """A plan without DeepSpeed (ZeRO-0 on Gaudi) goes through gaudi_spawn --use_mpi; one card is a plain process."""
+    from launch.gaudi_spawn import parse_args
+
+    cmd = build_launch_command("gaudi2", 8, None, ARGS, master_port=29611, environ={"GAUDI_SPAWN": SPAWN},
+                               deepspeed=False)
+    assert cmd.argv == ["python", SPAWN, "--world_size", "8", "--use_mpi", "--master_port", "29611",
+                        "dpo_dist/dpo.py"] + ARGS
+    assert "--deepspeed" not in cmd.argv and "mpirun -n 8" in cmd.description
+    a = parse_args(cmd.argv[2:])
+    assert a.use_mpi and not a.use_deepspeed and a.world_size == 8
+    one = build_launch_command("gaudi2", 1, None, ARGS, environ={}, deepspeed=False)
+    assert one.argv[:6] == ["python", "-m", "launch.gaudi_spawn", "--world_size", "1", "--master_port"]
+
+
+def test_plan_environment_goes_to_every_rank_and_the_users_value_wins():
+    zero3 = {"PT_HPU_MAX_COMPOUND_OP_SIZE": "1000", "PT_HPU_POOL_MEM_ACQUIRE_PERC": "100"}
+    cmd = build_launch_command("gaudi2", 8, None, ARGS, environ={"PT_HPU_POOL_MEM_ACQUIRE_PERC": "90"}, plan_env=zero3)
+    assert cmd.env["PT_HPU_MAX_COMPOUND_OP_SIZE"] == "1000" and cmd.env["PT_HPU_POOL_MEM_ACQUIRE_PERC"] == "90"
+    multi = hpu_multi(plan_env=zero3, workdir="/work/main")
+    assert multi.deepspeed_env["PT_HPU_MAX_COMPOUND_OP_SIZE"] == "1000"  # pdsh does not carry it: .deepspeed_env does
+
+
 def test_launch_gaudi_spawn_parses_like_upstream_gaudi_spawn():
     from launch.gaudi_spawn import parse_args
 

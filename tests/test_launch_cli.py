@@ -530,7 +530,7 @@ def test_cpu_train_dry_run_packs_buckets_and_caches_by_default(capsys, tmp_path,
     assert value_after(argv, "--reference") == "precomputed"
 
 
-def test_packing_can_be_turned_off_after_the_dashes_and_gaudi_never_packs(capsys, tmp_path):
+def test_packing_can_be_turned_off_after_the_dashes_and_gaudi_packs_with_a_block_mask(capsys, tmp_path):
     run_dir = tmp_path / "run"
     rc, out = cli(capsys, "train", "--model", "google/gemma-3-270m", "--hardware", "cpu", "--cards", "1",
                   "--dry-run", "--run_dir", run_dir, "--", "--attn_implementation", "eager", "--length_buckets", "0")
@@ -541,8 +541,8 @@ def test_packing_can_be_turned_off_after_the_dashes_and_gaudi_never_packs(capsys
     assert "not a local path" in note  # a hub dataset is not read by the launcher
     rc, out = cli(capsys, "train", *LLAMA70, "--dry-run", "--run_dir", tmp_path / "g")
     argv = exec_argv(tmp_path / "g" / "command.sh")
-    assert rc == 0 and "--packing" not in argv and value_after(argv, "--length_buckets") == "8"
-    assert "rows padded to <= 8 bucket lengths" in out
+    assert rc == 0 and "--packing" in argv and value_after(argv, "--length_buckets") == "8"
+    assert "packed into one row, padded to <= 8 bucket totals" in out and "block-diagonal mask" in out
 
 
 def test_bad_pair_tokens_is_a_usage_error(capsys):

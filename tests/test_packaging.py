@@ -4,7 +4,9 @@ first commands and the CI entry point. Pure file reads (plus importlib.metadata)
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import re
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -103,7 +105,7 @@ def test_installed_versions_equal_the_pins():
     assert not wrong, f"installed != pinned (run `rm -f .venv/.installed && make setup`): {wrong}"
 
 
-@pytest.mark.parametrize("target,requirements_file", [("$(VENV)/.installed", "requirements.txt"),
+@pytest.mark.parametrize("target,requirements_file", [("$(STAMP)", "requirements.txt"),
                                                       ("$(TWIN_STAMP)", "requirements-gaudi.txt")])
 def test_makefile_installs_torch_first_and_alone(target, requirements_file):
     """Both venvs (.venv and the Gaudi twin's) get torch first and alone, so no requirement can pull another build."""
@@ -144,6 +146,9 @@ def test_requirements_gaudi_pins():
         f"transformers must be a 4.55.x pin (optimum-habana 1.21.2 requires >=4.55,<4.56), got {reqs['transformers']!r}"
     for banned in ("torch", "deepspeed", "torchvision", "torchaudio"):
         assert banned not in reqs, f"{banned} comes from the Habana image / HabanaAI/DeepSpeed, not requirements-gaudi.txt"
+    # trl 0.9.6 needs numpy < 2; pyarrow 26 needs numpy >= 2 (tests/twin proves the file installs and imports)
+    assert not SpecifierSet(reqs["numpy"]).contains("2.0.0") and SpecifierSet(reqs["numpy"]).contains("1.26.4")
+    assert not SpecifierSet(reqs["pyarrow"]).contains("26.0.0")
 
 
 def test_dockerfile_starts_from_the_habana_pytorch_image():
@@ -242,3 +247,23 @@ def test_ci_runs_make_test():
     ci = ROOT / ".ci" / "run"
     lines = [ln.strip() for ln in ci.read_text().splitlines() if ln.strip() and not ln.strip().startswith("#")]
     assert any(re.match(r"^(exec\s+)?make\s+test\b", ln) for ln in lines), lines
+
+
+def test_make_uses_the_images_python_inside_the_gaudi_image():
+    """Inside the Habana image (habana_frameworks importable) make runs the image's python and installs nothing, so a
+    host .venv mounted into the container can neither shadow habana_frameworks nor be rebuilt without it."""
+    shim = ROOT / "tests" / "support" / "habana_shim"  # makes habana_frameworks findable, as in the image
+    inside = subprocess.run(["make", "-n", "-C", str(ROOT), "plan", "MODEL=m"], capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(shim)))
+    assert inside.returncode == 0, inside.stderr
+    assert re.search(r"^python3 -m launch plan --model \S*m", inside.stdout, re.M), inside.stdout
+    assert ".venv" not in inside.stdout and "pip install" not in inside.stdout
+    outside = subprocess.run(["make", "-n", "-C", str(ROOT), "plan", "MODEL=m"], capture_output=True, text=True,
+                             env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert re.search(r"^\.venv/bin/python -m launch plan --model \S*m", outside.stdout, re.M), outside.stdout
+
+
+def test_make_run_passes_what_mpi_needs_in_a_container():
+    text = (ROOT / "Makefile").read_text()
+    run = text.split("\nrun:", 1)[1].split("\n\n", 1)[0]
+    assert "-e OMPI_MCA_btl_vader_single_copy_mechanism=none" in run and "--runtime=habana" in run

@@ -22,6 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dpo_dist.losses import LOSS_TYPES  # noqa: E402
+
 VARIANTS = ("rows", "buckets", "packed")
 MAX_LENGTH, MAX_PROMPT = 96, 48
 
@@ -66,16 +68,25 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
     backend = _TWIN if path == "hpu" else _BACKENDS["cpu"]
     if sliding_window:
         model_dir = _with_sliding_window(model_dir, sliding_window)
+    fused_calls = [0]
     if path == "hpu":
+        from habana_frameworks.torch.hpex.kernels import FusedSDPA
         from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi
 
         adapt_transformers_to_gaudi()
+        real_apply = FusedSDPA.apply
+
+        def counted(*args, **kwargs):  # how often Gaudi attention takes the fused kernel
+            fused_calls[0] += 1
+            return real_apply(*args, **kwargs)
+
+        FusedSDPA.apply = staticmethod(counted)
     tok = AutoTokenizer.from_pretrained(model_dir)
     examples = [tokenize_pair(r, tok, MAX_PROMPT, MAX_LENGTH - MAX_PROMPT) for r in _rows(Path(data_dir), tok, pairs)]
     columns = {k: [e[k] for e in examples] for k in examples[0]}
     chosen, rejected = pair_row_lengths(columns, MAX_LENGTH)
     args = type("A", (), {"model_name_or_path": model_dir, "attn_implementation": None, "trust_remote_code": False})
-    out = {"path": path, "model_class": None, "variants": {}}
+    out = {"path": path, "model_class": None, "variants": {}, "losses": {}}
     for variant in VARIANTS:
         packing = variant == "packed"
         torch.manual_seed(0)
@@ -97,6 +108,8 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
         ref_c = policy["chosen_logps"].detach() - 0.5 - 0.1 * torch.arange(pairs)
         ref_r = policy["rejected_logps"].detach() + 0.25
         loss, metrics = loss_and_metrics(policy, ref_c, ref_r, cfg, gather=lambda t: t)
+        if variant == "rows":  # every loss type from the same log-probs (the engine computes them on every backend)
+            out["losses"] = {lt: _loss_of(lt, cfg, model, batch, ref_c, ref_r) for lt in LOSS_TYPES}
         loss.backward()
         grads = {n: p.grad.double().pow(2).sum().sqrt().item() for n, p in model.named_parameters() if p.grad is not None}
         out["variants"][variant] = {
@@ -104,7 +117,32 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
             "loss": loss.item(), "accuracy": float(metrics["rewards/accuracies"]), "grad_norms": grads,
             "shape": [int(x) for x in (batch["packed_input_ids"].shape if packing else batch["chosen_input_ids"].shape)],
         }
+    out["fused_sdpa_calls"] = fused_calls[0]
     return out
+
+
+class RunningMean:
+    """bco_pair's running reward mean, for one process (trl's RunningMoments needs an accelerator)."""
+
+    def __init__(self):
+        self.mean, self.n = 0.0, 0
+
+    def update(self, x):
+        self.n += 1
+        self.mean += (float(x) - self.mean) / self.n
+
+
+def _loss_of(loss_type: str, cfg, model, batch, ref_c, ref_r) -> float:
+    import dataclasses
+
+    import torch
+
+    from dpo_dist.engine import forward_logps, loss_and_metrics
+
+    lcfg = dataclasses.replace(cfg, loss_type=loss_type, label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0)
+    with torch.no_grad():
+        policy = forward_logps(model, batch, lcfg)
+        return loss_and_metrics(policy, ref_c, ref_r, lcfg, gather=lambda t: t, running=RunningMean())[0].item()
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,12 @@ def test_hpu_path_equals_cpu_path(probes, family):
         for name, g in c["grad_norms"].items():
             assert abs(g - h["grad_norms"][name]) <= 1e-4 * max(g, 1e-6), (v, name, g, h["grad_norms"][name])
         assert c["shape"] == h["shape"], v
+    # Gaudi attention took the fused kernel (the engine passes use_flash_attention=True); the CPU path has none
+    assert hpu["fused_sdpa_calls"] > 0 and cpu["fused_sdpa_calls"] == 0
+    # every loss type, computed by the engine on the HPU path, equals the CPU path's (ipo: length-normalised log-probs)
+    assert set(hpu["losses"]) == set(cpu["losses"]) and len(cpu["losses"]) == 14
+    for lt, value in cpu["losses"].items():
+        assert abs(value - hpu["losses"][lt]) <= 1e-4 * max(1.0, abs(value)), (lt, value, hpu["losses"][lt])
 
 
 @pytest.mark.parametrize("family", sorted(CASES))

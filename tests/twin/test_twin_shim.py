@@ -8,6 +8,7 @@ name fails here until someone decides which it is.
 from __future__ import annotations
 
 import ast
+import json
 import importlib
 import importlib.util
 import sys
@@ -112,3 +113,26 @@ def test_stand_in_is_never_shipped_or_importable_by_default():
     assert importlib.util.find_spec("habana_frameworks") is None  # the main venv has no stand-in on its path
     dockerignore = (ROOT / ".dockerignore").read_text().split()
     assert "tests/support/habana_shim" in dockerignore or "tests" in dockerignore
+
+
+def test_twin_venv_holds_the_gaudi_pins_and_imports():
+    """requirements-gaudi.txt installs into a working environment: the pins hold and `import datasets` works with
+    trl 0.9.6's numpy < 2 (a fresh resolve would otherwise take pyarrow 26, which needs numpy >= 2)."""
+    import subprocess
+
+    from packaging.requirements import Requirement
+
+    from dpo_dist.testing_utils import ROOT
+    from support.twin import TWIN_PY, twin_env, twin_skip_reason
+
+    if reason := twin_skip_reason():
+        pytest.skip(reason)
+    reqs = [Requirement(ln.split("#")[0].strip()) for ln in (ROOT / "requirements-gaudi.txt").read_text().splitlines()
+            if ln.split("#")[0].strip()]
+    code = ("import importlib.metadata as m, json, datasets, trl, optimum.habana.trl; "
+            f"print(json.dumps({{n: m.version(n) for n in {[r.name for r in reqs]!r}}}))")
+    out = subprocess.run([str(TWIN_PY), "-c", code], env=twin_env(), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    have = json.loads(out.stdout.strip().splitlines()[-1])
+    bad = {r.name: have[r.name] for r in reqs if not r.specifier.contains(have[r.name], prereleases=True)}
+    assert not bad, f"the twin venv does not hold requirements-gaudi.txt: {bad}"
