@@ -37,6 +37,39 @@ def run_cmd(argv, *, timeout: float, env=None, cwd=None) -> subprocess.Completed
     return subprocess.CompletedProcess(argv, proc.returncode, out, None)
 
 
+def run_main(main, argv, *, env=None, cwd=None) -> subprocess.CompletedProcess:
+    """A command-line entry's ``main(argv)`` run in this process, as its CLI would run it: exit code and combined
+    output, with ``env`` as the environment for the call. For the many checks that stop before any work (bad
+    arguments, bad inputs), this saves the seconds a fresh interpreter spends importing torch and transformers.
+    The root logger, the environment and accelerate's process state are restored afterwards."""
+    import contextlib
+    import io
+    import logging
+
+    out = io.StringIO()
+    saved_env, saved_cwd, root = dict(os.environ), os.getcwd(), logging.getLogger()
+    saved_handlers, saved_level = root.handlers[:], root.level
+    if env is not None:
+        os.environ.clear()
+        os.environ.update(env)
+    try:
+        os.chdir(cwd or saved_cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            try:
+                rc = main([str(a) for a in argv])
+            except SystemExit as e:  # argparse's own usage errors
+                rc = e.code if isinstance(e.code, int) else 1
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        root.handlers[:] = saved_handlers
+        root.setLevel(saved_level)
+        if "accelerate.state" in sys.modules:  # a trainer config made in the call leaves a process-wide state
+            sys.modules["accelerate.state"].AcceleratorState._reset_state(reset_partial_state=True)
+    return subprocess.CompletedProcess(argv, rc, out.getvalue(), None)
+
+
 def run_ranks(script_args, *, nproc: int = 2, timeout: float = 300, module: str = "dpo_dist.dpo", env=None):
     """`deepspeed --num_accelerators N --module <module> <args>` on CPU (gloo)."""
     argv = [PY, "-m", "deepspeed.launcher.runner", "--num_accelerators", str(nproc), "--master_port", str(free_port()),
@@ -57,6 +90,53 @@ def zero3_config(tmp_path_factory) -> Path:
     path = ROOT / "ds_configs" / "zero3.json"
     assert path.exists(), "ds_configs/zero3.json is missing"
     return path
+
+
+# The shared 2-rank ZeRO-3 runs: 30 steps, one checkpoint at the end (the merge tests read its ZeRO shards).
+ZERO3_STEPS = 30
+ZERO3_CHECKPOINT = f"checkpoint-{ZERO3_STEPS}"
+
+
+def zero3_args(tiny_assets, zero3_config, out_dir, family, mode, extra=()):
+    """The dpo_dist.dpo arguments of one 2-rank ZeRO-3 run of the tiny models."""
+    args = [
+        "--model_name_or_path", tiny_assets.model_dir(family), "--dataset_name", tiny_assets.data_dir,
+        "--output_dir", out_dir, "--deepspeed", zero3_config, "--max_steps", ZERO3_STEPS,
+        "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 8,
+        "--learning_rate", 2e-3 if mode == "lora" else 1e-3, "--max_length", 256, "--max_prompt_length", 128,
+        "--max_train_samples", 400, "--max_eval_samples", 96, "--logging_steps", 5, "--save_steps", ZERO3_STEPS,
+        "--beta", 0.1, "--diagnostics", "--seed", 7,
+        "--no_merge",  # the merge post-step has its own tests (test_merge.py)
+        *extra,
+    ]
+    if mode == "lora":
+        args += ["--use_peft", "--lora_r", 8, "--lora_alpha", 16]
+    return args
+
+
+@pytest.fixture(scope="session")
+def zero3_run(tiny_assets, zero3_config, tmp_path_factory):
+    """``zero3_run(family, mode)``: the output folder of one 2-rank ZeRO-3 DPO run (full: a sharded reference; lora:
+    the adapter-off reference), trained once per session on first use and shared by the tests that read it
+    (training, merge, comparison). They must not change it: copy first."""
+    root = tmp_path_factory.mktemp("zero3-runs")
+    done: dict = {}
+    failed: dict = {}
+
+    def get(family: str, mode: str) -> Path:
+        key = (family, mode)
+        if key in failed:  # do not pay for a failing 2-rank run twice
+            pytest.fail(failed[key])
+        if key not in done:
+            out = root / f"{family}-{mode}"
+            res = run_ranks(zero3_args(tiny_assets, zero3_config, out, family, mode), nproc=2, timeout=420)
+            if res.returncode != 0 or not (out / ZERO3_CHECKPOINT / f"global_step{ZERO3_STEPS}").is_dir():
+                failed[key] = f"training {family}/{mode} failed (rc {res.returncode}):\n{res.stdout[-6000:]}"
+                pytest.fail(failed[key])
+            done[key] = out
+        return done[key]
+
+    return get
 
 
 @functools.lru_cache(maxsize=None)

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import sys
 
 import pytest
 
-from conftest import cpu_env, run_cmd
+from conftest import cpu_env, run_cmd, run_main
 from dpo_dist.args import ArgumentError, parse_args, validate
 from dpo_dist.data import DataError, normalise, split_hh_transcript
 
@@ -99,8 +98,10 @@ def test_yaml_recipe_defaults_and_cli_override(tmp_path):
     ],
 )
 def test_bad_arguments_exit_2_and_create_nothing(tmp_path, argv, needle):
+    from dpo_dist.dpo import main
+
     out = tmp_path / "never"
-    res = run_cmd([sys.executable, "-m", "dpo_dist.dpo", *argv, "--output_dir", str(out)], timeout=120, env=cpu_env())
+    res = run_main(main, [*argv, "--output_dir", str(out)], env=cpu_env())
     assert res.returncode == 2, res.stdout
     assert needle in res.stdout
     assert not out.exists()
@@ -112,7 +113,7 @@ def test_non_empty_output_dir_is_refused_and_kept(tmp_path):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     res = run_cmd([sys.executable, "-m", "dpo_dist.dpo", "--model_name_or_path", "m", "--output_dir", str(out)],
-                  timeout=120, env=cpu_env())
+                  timeout=120, env=cpu_env())  # the real CLI, once: exit code and message through a fresh interpreter
     assert res.returncode == 2 and "exists and is not empty" in res.stdout
     assert (out / "keep.txt").read_text() == "precious" and len(list(out.iterdir())) == 1
 

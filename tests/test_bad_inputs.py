@@ -6,7 +6,8 @@ learning rate, batch size and max_prompt_length >= max_length, and an existing n
 (tests/test_args_and_data.py); hostfile errors (tests/test_hostfile.py, tests/test_command.py); a merge with a
 missing shard (tests/test_merge.py); a corrupt or partial checkpoint on resume (tests/test_resume.py).
 
-Every rank-side case runs `python -m dpo_dist.dpo` as one CPU process under a hard timeout. Each test prints
+Every case runs the entry's `main()` in the test process (conftest.run_main: the same code as the CLI, without a
+fresh interpreter's import time); the Makefile cases run make. Each test prints
 `BAD_INPUT | case | exit code | first line of the message` (see it with `pytest -rP`).
 """
 
@@ -14,12 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, cpu_env, run_cmd
+from conftest import ROOT, cpu_env, run_cmd, run_main
 
 TIMEOUT = 180
 SMALL = ["--device", "cpu", "--max_steps", "3", "--max_train_samples", "64", "--max_eval_samples", "8",
@@ -43,7 +43,9 @@ def report(case: str, res, line: str) -> None:
 
 
 def run_dpo(case: str, *argv, env=None):
-    res = run_cmd([sys.executable, "-m", "dpo_dist.dpo", *SMALL, *map(str, argv)], timeout=TIMEOUT, env=env or cpu_env())
+    from dpo_dist.dpo import main
+
+    res = run_main(main, [*SMALL, *argv], env=env or cpu_env())
     line = message_line(res.stdout)
     report(case, res, line)
     assert res.returncode != 0, res.stdout[-3000:]
@@ -201,7 +203,9 @@ def test_failure_into_an_existing_output_dir_keeps_its_files(tmp_path, tiny_asse
 
 
 def run_launch(case: str, *argv, env=None, marker="error:"):
-    res = run_cmd([sys.executable, "-m", "launch", *map(str, argv)], timeout=TIMEOUT, env=env or cpu_env())
+    from launch.cli import main
+
+    res = run_main(main, argv, env=env or cpu_env())
     line = message_line(res.stdout, marker)
     report(case, res, line)
     assert "Traceback" not in res.stdout, res.stdout[-3000:]

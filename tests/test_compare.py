@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, cpu_env, read_json, run_cmd, run_ranks
+from conftest import PY, cpu_env, read_json, run_cmd, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -19,29 +19,9 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="session")
-def dpo_model(tiny_assets, zero3_config, tmp_path_factory) -> Path:
-    """Full fine-tune of the tiny Llama: the output dir is a plain model folder (plus checkpoint-30/)."""
-    out = tmp_path_factory.mktemp("compare_train") / "dpo_out"
-    res = run_ranks(
-        [
-            "--model_name_or_path", tiny_assets.llama_dir,
-            "--dataset_name", tiny_assets.data_dir,
-            "--output_dir", out,
-            "--deepspeed", zero3_config,
-            "--max_steps", 30,
-            "--learning_rate", 1e-3,
-            "--per_device_train_batch_size", 4,
-            "--max_train_samples", 400,
-            "--max_eval_samples", 64,
-            "--max_length", 256,
-            "--max_prompt_length", 128,
-            "--logging_steps", 5,
-            "--no_merge",
-        ],
-        nproc=2,
-        timeout=300,
-    )
-    assert res.returncode == 0, res.stdout[-6000:]
+def dpo_model(zero3_run) -> Path:
+    """Full fine-tune of the tiny Llama (conftest.zero3_run): the output dir is a plain model folder."""
+    out = zero3_run("llama", "full")
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     return out
 
@@ -188,8 +168,9 @@ def test_generate_cli_prints_sequences(dpo_model):
 
 
 def test_generate_cli_bad_model_exits_2(tmp_path):
-    res = run_cmd([PY, "-m", "dpo_dist.generate", "--model_name_or_path", str(tmp_path / "missing"), "--prompt", "hi"],
-                  timeout=120)
+    from dpo_dist.generate import main
+
+    res = run_main(main, ["--model_name_or_path", str(tmp_path / "missing"), "--prompt", "hi"], env=cpu_env())
     assert res.returncode == 2, res.stdout
     assert "--model_name_or_path" in res.stdout and "no such model folder" in res.stdout
 
@@ -199,9 +180,11 @@ def test_generate_cli_bad_model_exits_2(tmp_path):
     ["missing_base", "missing_folder", "bad_top_p"],
 )
 def test_compare_bad_arguments_exit_2_and_write_nothing(case, tiny_assets, tmp_path):
+    from dpo_dist.compare_base_vs_dpo import main
+
     work = tmp_path / "work"
     work.mkdir()
-    argv = [PY, "-m", "dpo_dist.compare_base_vs_dpo", "--finetuned_model", str(tiny_assets.llama_dir)]
+    argv = ["--finetuned_model", str(tiny_assets.llama_dir)]
     if case == "missing_base":
         expect = "--base_model is required"
     elif case == "missing_folder":
@@ -210,7 +193,7 @@ def test_compare_bad_arguments_exit_2_and_write_nothing(case, tiny_assets, tmp_p
     else:
         argv += ["--base_model", str(tiny_assets.llama_dir), "--top_p", "1.5"]
         expect = "--top_p must be in (0, 1]"
-    res = run_cmd(argv, timeout=120, cwd=work, env=cpu_env())
+    res = run_main(main, argv, cwd=work, env=cpu_env())
     assert res.returncode == 2, res.stdout
     assert expect in res.stdout, res.stdout
     assert "Traceback" not in res.stdout

@@ -117,12 +117,14 @@ class LaunchedRun:
     def __init__(self, tmp_path: Path, tiny_assets, *dpo_extra: str):
         self.run_dir = tmp_path / "run"
         self.stdout_path, self.stderr_path = tmp_path / "launcher.out", tmp_path / "launcher.err"
+        # LoRA (the adapter-off reference: no reference pass before the first step) under ZeRO-3, as the planner's
+        # launch would run it; batch size: the plan's (ds_config.json pins it).
         argv = [PY, "-m", "launch", "train", "--model", str(tiny_assets.llama_dir), "--hardware", "cpu",
-                "--cards", "2", "--full", "--zero_stage", "3", "--max_length", "256", "--max_prompt_length", "128",
+                "--cards", "2", "--zero_stage", "3", "--max_length", "256", "--max_prompt_length", "128",
                 "--run_dir", str(self.run_dir), "--master_port", str(free_port()),
                 "--", "--dataset_name", str(tiny_assets.data_dir), "--max_steps", "100000", "--logging_steps", "1",
-                "--no_merge", "--max_train_samples", "200", "--max_eval_samples", "16",
-                *dpo_extra]  # batch size: the plan's (ds_config.json pins it)
+                "--no_merge", "--max_train_samples", "64", "--max_eval_samples", "16",
+                *dpo_extra]
         self._out, self._err = open(self.stdout_path, "w"), open(self.stderr_path, "w")
         self.proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=self._out, stderr=self._err,
                                      start_new_session=True)

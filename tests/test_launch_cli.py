@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, run_cmd
+from conftest import ROOT, run_cmd, run_main
 
 PY = sys.executable
 SECRET = "hf_plantedSECRETvalue123"
@@ -42,8 +42,14 @@ def launch_env(**extra) -> dict:
 
 
 def launch(*args, cwd=None, timeout=90, **env) -> subprocess.CompletedProcess:
-    """`python -m launch ARGS` (stdout and stderr together in .stdout); asserts the token stayed secret."""
-    r = run_cmd([PY, "-m", "launch", *map(str, args)], timeout=timeout, env=launch_env(**env), cwd=cwd or ROOT)
+    """`python -m launch ARGS` (stdout and stderr together in .stdout); asserts the token stayed secret. In this
+    process (conftest.run_main) unless it must run from another folder."""
+    from launch.cli import main
+
+    if cwd is None:
+        r = run_main(main, args, env=launch_env(**env))
+    else:
+        r = run_cmd([PY, "-m", "launch", *map(str, args)], timeout=timeout, env=launch_env(**env), cwd=cwd)
     assert SECRET not in r.stdout, "the planted HF_TOKEN value was printed"
     return r
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, ROOT, cpu_env, run_cmd, run_ranks
+from conftest import PY, ROOT, ZERO3_CHECKPOINT as CKPT, ZERO3_STEPS, cpu_env, run_main
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # in-process DeepSpeed imports (zero_to_fp32) stay on CPU
 
@@ -26,42 +26,10 @@ SECRET = "hf_merge_test_secret_value_42"
 TOL = 1e-4
 
 
-# ----------------------------------------------------------------------------------------------
-# Session fixture: each (family, mode) is trained at most once, on first use
-# ----------------------------------------------------------------------------------------------
-
 @pytest.fixture(scope="session")
-def trained(tmp_path_factory, tiny_assets, zero3_config):
-    root = tmp_path_factory.mktemp("merge-train")
-    done: dict = {}
-    failed: dict = {}
-
-    def get(family: str, mode: str) -> Path:
-        key = (family, mode)
-        if key in failed:  # do not pay for a failing 2-rank run twice
-            pytest.fail(failed[key])
-        if key not in done:
-            out = root / f"{family}-{mode}"
-            args = [
-                "--model_name_or_path", tiny_assets.model_dir(family),
-                "--dataset_name", tiny_assets.data_dir,
-                "--output_dir", out,
-                "--deepspeed", zero3_config,
-                "--max_steps", 10, "--save_steps", 10, "--learning_rate", 2e-3,
-                "--max_train_samples", 200, "--max_eval_samples", 32,
-                "--max_length", 256, "--max_prompt_length", 128, "--logging_steps", 5,
-                "--seed", 7, "--no_merge",
-            ]
-            if mode == "lora":
-                args += ["--use_peft", "--lora_r", 8, "--lora_alpha", 16]
-            res = run_ranks(args, nproc=2, timeout=420)
-            if res.returncode != 0 or not (out / "checkpoint-10" / "global_step10").is_dir():
-                failed[key] = f"training {family}/{mode} failed (rc {res.returncode}):\n{res.stdout[-6000:]}"
-                pytest.fail(failed[key])
-            done[key] = out
-        return done[key]
-
-    return get
+def trained(zero3_run):
+    """The shared 2-rank ZeRO-3 runs (conftest.zero3_run), each with its final checkpoint (CKPT)."""
+    return zero3_run
 
 
 def _copy(src: Path, dst: Path, with_checkpoints: bool) -> Path:
@@ -70,9 +38,11 @@ def _copy(src: Path, dst: Path, with_checkpoints: bool) -> Path:
     return dst
 
 
-def _cli(*args, env_extra=None, timeout=180):
-    env = cpu_env(**(env_extra or {}))
-    return run_cmd([PY, "-m", "dpo_dist.merge", *map(str, args)], timeout=timeout, env=env)
+def _cli(*args, env_extra=None):
+    """`python -m dpo_dist.merge ARGS`, in this process (conftest.run_main)."""
+    from dpo_dist.merge import main
+
+    return run_main(main, args, env=cpu_env(**(env_extra or {})))
 
 
 def _siblings(out: Path) -> list[str]:
@@ -142,7 +112,7 @@ def test_lora_merge_matches_adapter_model(tmp_path, trained, tiny_assets, family
     adapter_logits = _logits(PeftModel.from_pretrained(base, str(out)).eval(), batch)  # adapter enabled
     assert _max_diff(adapter_logits, base_logits, batch) > 10 * TOL, "the adapter did not change the model"
 
-    for source, kind in ((out, "adapter"), (out / "checkpoint-10", "zero+adapter")):
+    for source, kind in ((out, "adapter"), (out / CKPT, "zero+adapter")):
         merged_dir = tmp_path / f"merged-{kind}"
         report = merge_model(source, merged_dir)
         assert report["kind"] == kind
@@ -176,10 +146,10 @@ def test_full_finetune_gather_equals_zero_to_fp32_and_save_model(tmp_path, train
     from dpo_dist.merge import merge_model
 
     out = trained(family, "full")
-    report = merge_model(out / "checkpoint-10", tmp_path / "merged")
-    assert report["kind"] == "zero" and report["zero_checkpoint"].endswith("global_step10")
+    report = merge_model(out / CKPT, tmp_path / "merged")
+    assert report["kind"] == "zero" and report["zero_checkpoint"].endswith(f"global_step{ZERO3_STEPS}")
     merged = _load_dir_state(tmp_path / "merged")
-    zero = _zero_sd(out / "checkpoint-10")
+    zero = _zero_sd(out / CKPT)
     saved = load_file(str(out / "model.safetensors"))
     assert set(merged) == set(saved), (set(merged) ^ set(saved))
     for k, v in merged.items():
@@ -248,26 +218,26 @@ def test_save_without_gather_is_regathered_from_checkpoint(tmp_path, trained, ti
 
     from dpo_dist.merge import MergeError, merge_model
 
-    # Full fine-tune: the output's and checkpoint's model.safetensors are both empty; global_step10 is intact.
+    # Full fine-tune: the output's and checkpoint's model.safetensors are both empty; the ZeRO shards are intact.
     orig = trained("llama", "full")
     src = _copy(orig, tmp_path / "broken", with_checkpoints=True)
     _break(src / "model.safetensors")
-    _break(src / "checkpoint-10" / "model.safetensors")
+    _break(src / CKPT / "model.safetensors")
     report = merge_model(src, tmp_path / "merged")
-    assert report["kind"] == "zero" and report["zero_checkpoint"].endswith("checkpoint-10/global_step10")
+    assert report["kind"] == "zero" and report["zero_checkpoint"].endswith(f"{CKPT}/global_step{ZERO3_STEPS}")
     assert any("re-gathered" in n for n in report["notes"]), report["notes"]
     assert "re-gathered" in (tmp_path / "merged" / "README.md").read_text()
-    merged, zero = _load_dir_state(tmp_path / "merged"), _zero_sd(orig / "checkpoint-10")
+    merged, zero = _load_dir_state(tmp_path / "merged"), _zero_sd(orig / CKPT)
     assert merged and all(torch.equal(v, zero[k]) for k, v in merged.items())
 
     # A checkpoint older than the trained model is not silently used.
     metrics = json.loads((src / "training_metrics.json").read_text())
-    (src / "training_metrics.json").write_text(json.dumps({**metrics, "steps": 20}))
-    with pytest.raises(MergeError, match="step 10 while training ran 20 steps"):
+    (src / "training_metrics.json").write_text(json.dumps({**metrics, "steps": ZERO3_STEPS + 10}))
+    with pytest.raises(MergeError, match=f"step {ZERO3_STEPS} while training ran {ZERO3_STEPS + 10} steps"):
         merge_model(src, tmp_path / "merged-stale")
     assert not (tmp_path / "merged-stale").exists()
 
-    # LoRA: an empty adapter file, re-gathered from checkpoint-10's ZeRO shards; logits == the real adapter's.
+    # LoRA: an empty adapter file, re-gathered from the checkpoint's ZeRO shards; logits == the real adapter's.
     lorig = trained("llama", "lora")
     lsrc = _copy(lorig, tmp_path / "broken-lora", with_checkpoints=True)
     _break(lsrc / "adapter_model.safetensors")
@@ -340,16 +310,16 @@ def test_overwrite_moved_aside_by_a_killed_merge_is_restored(tmp_path, trained):
 def test_missing_zero_shard_is_named(tmp_path, trained):
     from dpo_dist.merge import MergeError, merge_model
 
-    ckpt = _copy(trained("llama", "full") / "checkpoint-10", tmp_path / "ckpt", with_checkpoints=True)
-    (ckpt / "global_step10" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    ckpt = _copy(trained("llama", "full") / CKPT, tmp_path / "ckpt", with_checkpoints=True)
+    (ckpt / f"global_step{ZERO3_STEPS}" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
     out = tmp_path / "merged"
     res = _cli("--checkpoint", ckpt, "--output", out)
     assert res.returncode == 1, res.stdout[-3000:]
     assert "missing zero_pp_rank_1_mp_rank_00_model_states.pt" in res.stdout and "Traceback" not in res.stdout
     assert not out.exists() and _siblings(out) == []
 
-    ckpt2 = _copy(trained("llama", "full") / "checkpoint-10", tmp_path / "ckpt2", with_checkpoints=True)
-    (ckpt2 / "global_step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
+    ckpt2 = _copy(trained("llama", "full") / CKPT, tmp_path / "ckpt2", with_checkpoints=True)
+    (ckpt2 / f"global_step{ZERO3_STEPS}" / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()
     with pytest.raises(MergeError, match="missing zero_pp_rank_0_mp_rank_00_optim_states.pt"):
         merge_model(ckpt2, out)
     assert not out.exists() and _siblings(out) == []

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import cpu_env, free_port, read_json, run_cmd
+from conftest import cpu_env, free_port, read_json, run_cmd, run_main
 
 pytestmark = pytest.mark.slow
 
@@ -51,8 +51,15 @@ def planted(tiny_assets, tmp_path_factory):
     lengths = ["--max_length", "256", "--max_prompt_length", "128"]
     outputs: dict[str, object] = {}
 
-    def run(name, argv, timeout=120, expect=0):
-        res = run_cmd([str(a) for a in argv], timeout=timeout, env=env)
+    def run(name, argv, timeout=120, expect=0, in_process=True):
+        """Entries that start no ranks run in this process (conftest.run_main, the same code as their CLI)."""
+        if in_process:
+            import importlib
+
+            main = importlib.import_module("launch.cli" if argv[2] == "launch" else argv[2]).main
+            res = run_main(main, [str(a) for a in argv[3:]], env=env)
+        else:
+            res = run_cmd([str(a) for a in argv], timeout=timeout, env=env)
         outputs[name] = res
         assert res.returncode == expect, f"{name}: exit {res.returncode}\n{res.stdout[-6000:]}"
         return res
@@ -78,7 +85,7 @@ def planted(tiny_assets, tmp_path_factory):
          "--env", "HF_TOKEN", "--run_dir", base / "dry_refused", "--dry-run"], expect=2)
     run("train, 2 CPU ranks, with merge",
         [*launch, "train", "--model", model, "--hardware", "cpu", "--cards", "2", *lengths, "--run_dir", base / "run",
-         "--master_port", free_port(), "--", "--dataset_name", data, *DPO_SMALL], timeout=480)
+         "--master_port", free_port(), "--", "--dataset_name", data, *DPO_SMALL], timeout=480, in_process=False)
     run("merge", [sys.executable, "-m", "dpo_dist.merge", "--checkpoint", base / "run" / "output", "--output",
                   base / "merged_again", "--base_model", model], timeout=240)
     run("compare", [sys.executable, "-m", "dpo_dist.compare_base_vs_dpo", "--base_model", model, "--finetuned_model",

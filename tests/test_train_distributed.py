@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import read_json, run_ranks
+from conftest import ZERO3_STEPS, read_json, run_ranks, zero3_args
 
 pytestmark = pytest.mark.slow
 
@@ -21,44 +21,19 @@ CASES = [
 
 
 def _train(tiny_assets, zero3_config, out_dir, family, mode, extra=()):
-    model_dir = tiny_assets.llama_dir if family == "llama" else tiny_assets.gemma3_dir
-    args = [
-        "--model_name_or_path", model_dir,
-        "--dataset_name", tiny_assets.data_dir,
-        "--output_dir", out_dir,
-        "--deepspeed", zero3_config,
-        "--max_steps", 30,
-        "--per_device_train_batch_size", 4,
-        "--per_device_eval_batch_size", 8,
-        "--learning_rate", 2e-3 if mode == "lora" else 1e-3,
-        "--max_length", 256,
-        "--max_prompt_length", 128,
-        "--max_train_samples", 400,
-        "--max_eval_samples", 96,
-        "--logging_steps", 5,
-        "--save_steps", 1000,
-        "--beta", 0.1,
-        "--diagnostics",
-        "--seed", 7,
-        "--no_merge",  # the merge post-step has its own tests (test_merge.py)
-        *extra,
-    ]
-    if mode == "lora":
-        args += ["--use_peft", "--lora_r", 8, "--lora_alpha", 16]
-    res = run_ranks(args, nproc=2, timeout=420)
+    res = run_ranks(zero3_args(tiny_assets, zero3_config, out_dir, family, mode, extra), nproc=2, timeout=420)
     assert res.returncode == 0, res.stdout[-6000:]
     return res
 
 
 @pytest.mark.parametrize("family,mode", CASES, ids=[f"{f}-{m}" for f, m in CASES])
-def test_dpo_zero3_two_ranks(tmp_path, tiny_assets, zero3_config, family, mode):
-    out = tmp_path / "out"
-    _train(tiny_assets, zero3_config, out, family, mode)
+def test_dpo_zero3_two_ranks(zero3_run, tiny_assets, family, mode):
+    out = zero3_run(family, mode)
 
     m = read_json(out / "training_metrics.json")
     assert m["world_size"] == 2 and m["zero_stage"] == 3 and m["backend"] == "cpu"
     assert m["reference"] == ("adapter" if mode == "lora" else "sharded")
-    assert m["steps"] == 30
+    assert m["steps"] == ZERO3_STEPS
     # Loss falls and the held-out preference is learned.
     assert m["last_train_loss"] < m["first_train_loss"] - 0.1, m["train_losses"]
     assert m["eval_reward_accuracy"] > 0.8, m
@@ -123,7 +98,7 @@ def test_dpo_zero3_two_ranks_packed(tmp_path, tiny_assets, zero3_config, family,
     _train(tiny_assets, zero3_config, out, family, mode, extra=(
         "--packing", "--length_buckets", 8, "--reference", reference, "--ref_cache_dir", tmp_path / "refcache"))
     m = read_json(out / "training_metrics.json")
-    assert m["packing"] is True and m["reference"] == reference and m["steps"] == 30
+    assert m["packing"] is True and m["reference"] == reference and m["steps"] == ZERO3_STEPS
     assert m["last_train_loss"] < m["first_train_loss"] - 0.1, m["train_losses"]
     assert m["eval_reward_accuracy"] > 0.8, m
     assert 1 <= len(m["length_buckets"]) <= 8
