@@ -92,7 +92,8 @@ def zero3_config(tmp_path_factory) -> Path:
     return path
 
 
-# The shared 2-rank ZeRO-3 runs: 30 steps, one checkpoint at the end (the merge tests read its ZeRO shards).
+# The shared 2-rank ZeRO-3 runs: 30 steps, a loss logged every step (the resume test compares them step by step),
+# one checkpoint at the end (the merge tests read its ZeRO shards).
 ZERO3_STEPS = 30
 ZERO3_CHECKPOINT = f"checkpoint-{ZERO3_STEPS}"
 
@@ -104,8 +105,8 @@ def zero3_args(tiny_assets, zero3_config, out_dir, family, mode, extra=()):
         "--output_dir", out_dir, "--deepspeed", zero3_config, "--max_steps", ZERO3_STEPS,
         "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 8,
         "--learning_rate", 2e-3 if mode == "lora" else 1e-3, "--max_length", 256, "--max_prompt_length", 128,
-        "--max_train_samples", 400, "--max_eval_samples", 96, "--logging_steps", 5, "--save_steps", ZERO3_STEPS,
-        "--beta", 0.1, "--diagnostics", "--seed", 7,
+        "--max_train_samples", 400, "--max_eval_samples", 96, "--logging_steps", 1, "--save_steps", ZERO3_STEPS,
+        "--beta", 0.1, "--diagnostics", "--seed", 7, "--dist_timeout", 600,
         "--no_merge",  # the merge post-step has its own tests (test_merge.py)
         *extra,
     ]

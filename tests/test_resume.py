@@ -1,8 +1,9 @@
 """Exact resume (issue 5 §3), for real: 2 ranks, DeepSpeed ZeRO-3 on CPU (gloo), fp32.
 
-Run A trains 20 steps straight. Run B is cut in two by the test-only hook $DPO_DIST_STOP_AFTER_STEP=10 (which
-saves checkpoint-10 and stops without touching max_steps, so the linear LR schedule is the one of a 20-step run),
-then resumed with `--resume_from_checkpoint latest` to step 20. The unrounded per-step train losses
+Run A trains straight: the shared 2-rank ZeRO-3 run of the tiny Llama (conftest.zero3_run, 30 steps). Run B, with
+the same arguments, is cut in two by the test-only hook $DPO_DIST_STOP_AFTER_STEP=15 (which saves checkpoint-15 and
+stops without touching max_steps, so the linear LR schedule is the one of the 30-step run), then resumed with
+`--resume_from_checkpoint latest` to step 30. The unrounded per-step train losses
 (`train_loss_by_step`) and the final weights of A and B must agree to 1e-6, for full fine-tuning and for LoRA.
 
 Also: a resume that cannot be exact is refused up front (no checkpoint, a missing ZeRO shard, a truncated
@@ -26,11 +27,12 @@ from types import SimpleNamespace
 import pytest
 from safetensors.torch import load_file
 
-from conftest import PY, ROOT, cpu_env, free_port, read_json, run_main
+from conftest import PY, ROOT, ZERO3_STEPS, cpu_env, free_port, read_json, run_main, zero3_args
 
 pytestmark = pytest.mark.slow
 
-STEPS, CUT = 20, 10
+STEPS, CUT = ZERO3_STEPS, ZERO3_STEPS // 2
+CKPT, GS = f"checkpoint-{CUT}", f"global_step{CUT}"  # the cut's checkpoint and its ZeRO shards
 TOL = 1e-6
 LAUNCH_TIMEOUT = 420
 
@@ -42,29 +44,9 @@ ENV = cpu_env(TORCH_EXTENSIONS_DIR=ROOT / ".cache" / "torch_extensions",
               PATH=str(Path(PY).parent) + os.pathsep + os.environ.get("PATH", ""))
 
 
-def _dpo_args(tiny_assets, out_dir, mode, extra=()):
-    args = [
-        "--model_name_or_path", tiny_assets.llama_dir,
-        "--dataset_name", tiny_assets.data_dir,
-        "--output_dir", out_dir,
-        "--deepspeed", ROOT / "ds_configs" / "zero3.json",
-        "--max_steps", STEPS,
-        "--logging_steps", 1,
-        "--save_steps", CUT,
-        "--per_device_train_batch_size", 2,
-        "--learning_rate", 2e-3 if mode == "lora" else 1e-3,
-        "--max_length", 256,
-        "--max_prompt_length", 128,
-        "--max_train_samples", 200,
-        "--max_eval_samples", 16,
-        "--seed", 11,
-        "--dist_timeout", 600,
-        "--no_merge",
-        *extra,
-    ]
-    if mode == "lora":
-        args += ["--use_peft", "--lora_r", 8, "--lora_alpha", 16]
-    return [str(a) for a in args]
+def _dpo_args(tiny_assets, zero3_config, out_dir, mode, extra=()):
+    """The shared run's arguments (conftest.zero3_args): B must be A with a cut."""
+    return [str(a) for a in zero3_args(tiny_assets, zero3_config, out_dir, "llama", mode, extra)]
 
 
 class Launch:
@@ -129,20 +111,17 @@ def _snapshot(folder: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, tiny_assets):
+def runs(tmp_path_factory, tiny_assets, zero3_config, zero3_run):
     tmp = tmp_path_factory.mktemp("resume")
-    out = {m: {"A": tmp / f"{m}_A", "B": tmp / f"{m}_B"} for m in ("full", "lora")}
+    out = {m: {"A": zero3_run("llama", m), "B": tmp / f"{m}_B"} for m in ("full", "lora")}
     t0 = time.monotonic()
 
-    # Phase 1: A (20 straight) and B1 (cut after step 10), both modes, concurrently.
-    phase1 = []
-    for m in ("full", "lora"):
-        phase1.append(Launch(f"{m}_A", _dpo_args(tiny_assets, out[m]["A"], m), tmp))
-        phase1.append(Launch(f"{m}_B1", _dpo_args(tiny_assets, out[m]["B"], m), tmp,
-                             DPO_DIST_STOP_AFTER_STEP=str(CUT)))
+    # Phase 1: B1 (cut after step CUT), both modes, concurrently.
+    phase1 = [Launch(f"{m}_B1", _dpo_args(tiny_assets, zero3_config, out[m]["B"], m), tmp,
+                     DPO_DIST_STOP_AFTER_STEP=str(CUT)) for m in ("full", "lora")]
     _wait_all(phase1)
     launches = {x.name: x for x in phase1}
-    phase1_ok = {m: launches[f"{m}_A"].rc == 0 and launches[f"{m}_B1"].rc == 0 for m in out}
+    phase1_ok = {m: launches[f"{m}_B1"].rc == 0 for m in out}
     b1_metrics = {m: read_json(out[m]["B"] / "training_metrics.json") for m in out if phase1_ok[m]}
     _ok(launches["full_B1"])  # the broken copies below are made from it
 
@@ -151,22 +130,24 @@ def runs(tmp_path_factory, tiny_assets):
     for case in ("missing_shard", "truncated_state"):
         bad[case] = tmp / f"bad_{case}"
         shutil.copytree(out["full"]["B"], bad[case])
-    (bad["missing_shard"] / "checkpoint-10" / "global_step10" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
-    state = bad["truncated_state"] / "checkpoint-10" / "trainer_state.json"
+    (bad["missing_shard"] / CKPT / GS / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
+    state = bad["truncated_state"] / CKPT / "trainer_state.json"
     state.write_text(state.read_text()[: len(state.read_text()) // 2])
     bad["no_checkpoint"] = tmp / "bad_no_checkpoint"
     bad["no_checkpoint"].mkdir()
     (bad["no_checkpoint"] / "notes.txt").write_text("an earlier run without checkpoints\n")
     before = {case: _snapshot(folder) for case, folder in bad.items()}
 
-    # Phase 2: B2 (resume to 20) for both modes, concurrently. The refused resumes stop before any model loads or
+    # Phase 2: B2 (resume to STEPS) for both modes, concurrently. The refused resumes stop before any model loads or
     # any rank starts working (the checkpoint check reads names, sizes and JSON): the rank entry's main() in this
     # process, as rank 0 of 2, is that same code.
-    phase2 = [Launch(f"{m}_B2", _dpo_args(tiny_assets, out[m]["B"], m, ["--resume_from_checkpoint", "latest"]), tmp)
+    phase2 = [Launch(f"{m}_B2", _dpo_args(tiny_assets, zero3_config, out[m]["B"], m,
+                                          ["--resume_from_checkpoint", "latest"]), tmp)
               for m in ("full", "lora") if phase1_ok[m]]
     from dpo_dist.dpo import main
 
-    refused = {case: run_main(main, _dpo_args(tiny_assets, folder, "full", ["--resume_from_checkpoint", "latest"]),
+    refused = {case: run_main(main, _dpo_args(tiny_assets, zero3_config, folder, "full",
+                                              ["--resume_from_checkpoint", "latest"]),
                               env={**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
                for case, folder in bad.items()}
     _wait_all(phase2)
@@ -182,7 +163,7 @@ def _losses(metrics) -> dict[int, float]:
 
 @pytest.mark.parametrize("mode", ["full", "lora"])
 def test_resume_is_exact(runs, mode):
-    for part in ("A", "B1", "B2"):
+    for part in ("B1", "B2"):
         assert f"{mode}_{part}" in runs.launches, f"{mode}_{part} did not run: an earlier part failed"
         _ok(runs.launches[f"{mode}_{part}"])
     a = read_json(runs.out[mode]["A"] / "training_metrics.json")
@@ -201,7 +182,7 @@ def test_resume_is_exact(runs, mode):
     assert all(lb2[s] == lb1[s] for s in range(1, CUT + 1))
     # ... and the rounded `train_losses` agree with the unrounded ones.
     assert b2["train_losses"] == [round(lb2[s], 4) for s in range(1, STEPS + 1)]
-    # B1 (steps 1-10) + B2 (steps 11-20) against A, step by step.
+    # B1 (steps 1..CUT) + B2 (CUT+1..STEPS) against A, step by step.
     b = {**lb1, **{s: lb2[s] for s in range(CUT + 1, STEPS + 1)}}
     diffs = {s: abs(la[s] - b[s]) for s in la}
     print(f"{mode}: max |loss A - loss B| over steps 1-{STEPS} = {max(diffs.values()):.3g}")
@@ -222,8 +203,8 @@ def test_resume_is_exact(runs, mode):
 
 @pytest.mark.parametrize("case,expected", [
     ("no_checkpoint", ["no checkpoint-* folder in"]),
-    ("missing_shard", ["checkpoint-10", "global_step10/zero_pp_rank_1_mp_rank_00_model_states.pt is missing"]),
-    ("truncated_state", ["checkpoint-10", "trainer_state.json is not valid JSON"]),
+    ("missing_shard", [CKPT, f"{GS}/zero_pp_rank_1_mp_rank_00_model_states.pt is missing"]),
+    ("truncated_state", [CKPT, "trainer_state.json is not valid JSON"]),
 ])
 def test_resume_refuses_a_missing_or_broken_checkpoint(runs, case, expected):
     res = runs.refused[case]
@@ -250,7 +231,7 @@ def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
     from dpo_dist.dpo import checkpoint_problems, resolve_checkpoint
 
     monkeypatch.setenv("WORLD_SIZE", "2")
-    good = runs.out["full"]["B"] / "checkpoint-10"
+    good = runs.out["full"]["B"] / CKPT
     assert checkpoint_problems(good, world_size=2, deepspeed=True) == []
     # The same checkpoint on 4 ranks: ZeRO shards cannot be re-split by a plain resume.
     assert any("saved by 2 ranks but this run has 4" in p or "zero_pp_rank_2" in p
@@ -258,14 +239,14 @@ def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
 
     out = tmp_path / "out"
     out.mkdir()
-    shutil.copytree(good, out / "checkpoint-10")
-    assert resolve_checkpoint(_args(out)) == str(out / "checkpoint-10")
-    assert resolve_checkpoint(_args(out, str(out / "checkpoint-10"))) == str(out / "checkpoint-10")
+    shutil.copytree(good, out / CKPT)
+    assert resolve_checkpoint(_args(out)) == str(out / CKPT)
+    assert resolve_checkpoint(_args(out, str(out / CKPT))) == str(out / CKPT)
 
     # A newer, partial checkpoint (a save cut short): 'latest' names it and points at the complete one.
-    newer = out / "checkpoint-12"
+    newer = out / f"checkpoint-{CUT + 2}"
     shutil.copytree(good, newer)
-    shard = newer / "global_step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    shard = newer / GS / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
     shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
     (newer / "rng_state_1.pth").unlink()
     with pytest.raises(ArgumentError) as e:
@@ -273,11 +254,11 @@ def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
     msg = str(e.value)
     assert str(newer) in msg and "zero_pp_rank_0_mp_rank_00_optim_states.pt is truncated" in msg, msg
     assert "rng_state_1.pth is missing" in msg, msg
-    assert f"--resume_from_checkpoint {out / 'checkpoint-10'}" in msg, msg
+    assert f"--resume_from_checkpoint {out / CKPT}" in msg, msg
 
     # The folder named by DeepSpeed's 'latest' file is gone.
-    (newer / "latest").write_text("global_step12")
-    assert "global_step12/ (named by the 'latest' file) is missing" in checkpoint_problems(newer, 2, True)
+    (newer / "latest").write_text(f"global_step{CUT + 2}")
+    assert f"global_step{CUT + 2}/ (named by the 'latest' file) is missing" in checkpoint_problems(newer, 2, True)
 
     # An explicit path that does not exist.
     with pytest.raises(ArgumentError, match="no such checkpoint folder"):
