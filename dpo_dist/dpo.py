@@ -523,7 +523,8 @@ def run(model_args, data_args, train_args) -> dict:
 
 
 def shutdown_distributed() -> None:
-    """Barrier, then destroy the process group: avoids gloo teardown aborts (DESIGN.md §6)."""
+    """Barrier, then destroy the process group: a rank that exits with live gloo threads can abort
+    (`terminate called without an active exception`, rc -6) and make torchrun's exit barrier wait 300 s."""
     try:
         import torch.distributed as dist
 
@@ -599,7 +600,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 def exit_now(code: int) -> None:
     """Leave without the interpreter's teardown, once everything is written and the process group is destroyed.
     Teardown can still abort a rank (SIGABRT, "terminate called without an active exception") when it frees gloo
-    objects that other modules keep referenced (DESIGN.md §6): measured here once in about a dozen 2-rank runs,
+    objects that other modules keep referenced: measured here once in about a dozen 2-rank runs,
     after a successful run; DeepSpeed's launcher then fails the whole job."""
     for stream in (sys.stdout, sys.stderr):
         try:

@@ -134,10 +134,19 @@ def _capture_output(module):
         handle.remove()
 
 
-def final_hidden_states(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, **forward_kwargs) -> torch.Tensor:
-    """Run ``model`` (the wrapper, so DeepSpeed's forward bookkeeping runs) with no logits kept,
-    and return the backbone's last hidden state [B, T, H] (after the final norm)."""
+def final_hidden_states(model, input_ids: torch.Tensor, attention_mask, **forward_kwargs) -> torch.Tensor:
+    """The backbone's last hidden state [B, T, H] (after the final norm), with no logits computed.
+
+    A model inside a training wrapper (DDP, a DeepSpeed engine) runs through the wrapper, so that its forward
+    bookkeeping runs (DDP's gradient-sync preparation, ZeRO-3's parameter coordination), with ``logits_to_keep``
+    empty; a forward hook on the backbone reads the hidden state. Any other model (a reference outside DeepSpeed)
+    runs its backbone directly and the hidden state is the backbone's output: that also holds when the model's
+    whole forward is an HPU graph (optimum-habana wraps a separate reference in one), whose replay runs no Python
+    hook."""
     backbone, _, _ = causal_lm_parts(model)
+    if not hasattr(model, "module"):
+        out = backbone(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **forward_kwargs)
+        return out[0] if isinstance(out, (tuple, list)) else out.last_hidden_state
     none = torch.zeros(0, dtype=torch.long, device=input_ids.device)
     with _capture_output(backbone) as box:
         model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=none, **forward_kwargs)

@@ -17,13 +17,13 @@ What it accepts as ``--checkpoint`` (the report's ``kind`` says which it found):
 * a folder with no model but ``checkpoint-*`` subfolders: its newest checkpoint.
 
 A save made without ZeRO-3's 16-bit gather (``stage3_gather_16bit_weights_on_model_save: false``) holds
-size-0 tensors (a known peer bug, DESIGN.md §5). It is detected; the weights are re-gathered from a ZeRO
+size-0 tensors (a failure users of other DPO trainers keep reporting). It is detected; the weights are re-gathered from a ZeRO
 checkpoint in the folder or its newest ``checkpoint-*`` subfolder when that checkpoint is as new as the
 trained model, and otherwise the merge is refused with the tensor names and the fix. A ZeRO checkpoint
 with a missing per-rank shard file is refused with the missing file's name.
 
 Gemma 3 ties ``lm_head`` to ``embed_tokens``. ``zero_to_fp32 --safe_serialization`` fails on such shared
-tensors (DESIGN.md §6), so the Python API is used: both names point at one tensor, it is loaded into a
+tensors, so the Python API is used: both names point at one tensor, it is loaded into a
 model whose weights are tied, and ``save_pretrained`` writes it once; after reload they must be tied again.
 
 Output: sharded safetensors (with ``model.safetensors.index.json`` when sharded), ``config.json``,

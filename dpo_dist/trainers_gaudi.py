@@ -9,8 +9,9 @@ in ``training_args.bin``); the trainer gets objects only.
 
 What the trainer does, and what the engine does instead
 -------------------------------------------------------
-``GaudiDPOTrainer`` runs the loop: ``GaudiTrainer``'s training step (lazy-mode ``mark_step``, HPU
-graphs, fused AdamW and clip-norm without DeepSpeed), DDP or DeepSpeed, checkpoints. The DPO step
+``GaudiDPOTrainer`` runs the loop: ``GaudiTrainer``'s training step (lazy-mode ``mark_step``, fused AdamW
+and clip-norm without DeepSpeed), DDP or DeepSpeed, checkpoints. HPU graphs stay off (see
+``gaudi_training_args_kwargs``). The DPO step
 itself comes from dpo-dist's engine (``engine.py``) through three seams of trl 0.9.6's class:
 
 - ``tokenize_row`` → ``engine.tokenize_pair`` (trl 0.22's row layout; trl 0.9.6 builds labels instead);
@@ -60,18 +61,18 @@ project argument                  optimum-habana 1.21.2 / trl 0.9.6
 --eval_steps                      C eval_strategy="steps" + eval_steps (else eval_strategy="no")
 --bf16                            C bf16, G use_torch_autocast, L torch_dtype=torch.bfloat16
 --seed                            C seed (+ optimum.habana.utils.set_seed before the model loads)
---gradient_checkpointing          C gradient_checkpointing + {"use_reentrant": False}; HPU graphs
-                                  for training off
+--gradient_checkpointing          C gradient_checkpointing + {"use_reentrant": False}
 --deepspeed                       C deepspeed (only for ZeRO stage >= 1: a stage-0 plan runs DDP,
-                                  which keeps FusedAdamW and HPU graphs); G use_fused_adam=False;
+                                  which keeps FusedAdamW); G use_fused_adam=False;
                                   L low_cpu_mem_usage=False under ZeRO-3
 --throughput_warmup_steps         C throughput_warmup_steps (at most max_steps - 1)
 --report_to / --dist_timeout      C report_to / ddp_timeout
 --dataloader_num_workers          C dataloader_num_workers
 --gaudi_config_name               GaudiConfig.from_pretrained(name) (else the built-in one below)
 (always)                          C use_habana=True, use_lazy_mode=True, remove_unused_columns=False,
-                                  distribution_strategy="ddp"; twin: use_habana=False,
-                                  use_lazy_mode=False, use_cpu=True, no HPU graphs
+                                  distribution_strategy="ddp", use_hpu_graphs_for_training/inference=False
+                                  (the engine reads hidden states with a hook; graph replays run none);
+                                  twin: use_habana=False, use_lazy_mode=False, use_cpu=True
 --beta / --loss_type              C beta / loss_type (the engine computes every loss type)
 --label_smoothing                 C label_smoothing
 --max_length / --max_prompt_length C max_length / max_prompt_length
@@ -112,7 +113,7 @@ GAUDI_TRAINER_CLASS_NAME = "DpoDistGaudiDPOTrainer"
 
 def uses_deepspeed(train_args: TrainArguments) -> bool:
     """DeepSpeed only for ZeRO stage >= 1. A stage-0 config is plain data parallelism, which DDP does without
-    giving up what DeepSpeed turns off on HPU (FusedAdamW, HPU graphs): optimum-habana's own DPO baseline
+    giving up what DeepSpeed turns off on HPU (FusedAdamW): optimum-habana's own DPO baseline
     runs that way (``gaudi_spawn.py --use_mpi``)."""
     return bool(train_args.deepspeed) and zero_stage_of(train_args.deepspeed) >= 1
 
@@ -185,10 +186,13 @@ def gaudi_training_args_kwargs(model_args: ModelArguments, data_args: DataArgume
         "use_habana": habana,
         "use_lazy_mode": habana,  # PT_HPU_LAZY_MODE=1 must also be set before Python starts (backend.env)
         "distribution_strategy": "ddp",
-        # HPU graphs for training only work without DeepSpeed and without gradient checkpointing (optimum-habana's
-        # examples/trl/dpo.py). Inference graphs: off under DeepSpeed (same example).
-        "use_hpu_graphs_for_training": habana and not use_ds and not train_args.gradient_checkpointing,
-        "use_hpu_graphs_for_inference": habana and not use_ds,
+        # HPU graphs off: a graph replays the recorded forward of the whole (DDP-wrapped) model and runs no Python
+        # code inside it, so the forward hook through which the engine reads the final hidden states (its chunked
+        # log-probs never compute the full logits) would not run. The ranks run in lazy mode instead, as optimum-habana
+        # itself does under DeepSpeed or gradient checkpointing. (A separate reference outside DeepSpeed, which
+        # GaudiDPOTrainer wraps in an inference graph, is read through its backbone: logprobs.final_hidden_states.)
+        "use_hpu_graphs_for_training": False,
+        "use_hpu_graphs_for_inference": False,
     }
     if twin:
         kw["use_cpu"] = True

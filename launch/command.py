@@ -368,7 +368,7 @@ def build_launch_command(
         if master_addr is None and addr.lower() in ("localhost", "localhost.localdomain"):
             addr = "127.0.0.1"
             notes.append("master_addr: the first host is localhost, written as 127.0.0.1 so that it cannot resolve "
-                         "to ::1 (the loopback recipe seen working in DESIGN §6).")
+                         "to ::1 (the loopback form the one-command-per-node launches were seen to work with).")
         elif master_addr is None:
             notes.append(f"master_addr is the first host of the hostfile: {addr}.")
     elif master_addr is not None:
@@ -428,7 +428,7 @@ def build_launch_command(
             inner = (f"mpirun -n {cards} --bind-to core --map-by socket:PE=<cores per rank> --rank-by slot "
                      f"--report-bindings --allow-run-as-root python" if cards > 1 else "python")
             notes.append("no DeepSpeed (a ZeRO-0 plan on Gaudi): plain DDP started by MPI, which keeps Habana's fused "
-                         "AdamW and HPU graphs (optimum-habana's own DPO baseline runs this way); mpirun must be "
+                         "AdamW (optimum-habana's own DPO baseline runs this way); mpirun must be "
                          "installed (Habana's images ship Open MPI).")
         notes.append(f"gaudi_spawn.py runs `{inner} {script_path} ...` with bash; the script arguments were checked "
                      "for shell metacharacters because it re-joins them into one shell line.")

@@ -137,7 +137,7 @@ class Hardware:
 
 
 # Gaudi ranks: optimum-habana's models, FusedSDPA (the engine passes use_flash_attention=True), packed rows through
-# a block-diagonal mask (Gaudi attention ignores transformers' attention interface), HPU graphs (static shapes),
+# a block-diagonal mask (Gaudi attention ignores transformers' attention interface), graph compiles (static shapes),
 # and ZeRO-0 as DDP, as optimum-habana's own DPO baseline runs.
 _GAUDI = dict(device="hpu", packing_attention="block_mask", static_shapes=True, ddp_without_deepspeed=True)
 
@@ -725,7 +725,7 @@ def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits
     notes.append(ref_note)
     if c.stage == 0 and hw.ddp_without_deepspeed:
         notes.append("ZeRO-0 runs as plain DDP (gaudi_spawn --use_mpi, no DeepSpeed), which keeps Habana's fused "
-                     "AdamW and HPU graphs, as optimum-habana's own DPO baseline runs")
+                     "AdamW, as optimum-habana's own DPO baseline runs")
     if c.offload != "none":
         notes.append(f"offload={c.offload}: needs about {c.host_gib:.0f} GiB of host RAM per node "
                      f"(budget {_host_budget_gib(hw, opts):.0f} GiB)")

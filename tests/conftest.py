@@ -17,6 +17,11 @@ from dpo_dist.testing_utils import ROOT, cpu_env, free_port  # noqa: F401 (re-ex
 
 PY = sys.executable
 
+# No test reaches the hub. Set here too, before anything imports huggingface_hub (it reads these once), so that the
+# entries run in this process (run_main) see the same offline world as the ones run as subprocesses (cpu_env).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
 
 def run_cmd(argv, *, timeout: float, env=None, cwd=None) -> subprocess.CompletedProcess:
     """Run argv in its own process group; on timeout kill the whole group and fail the test."""

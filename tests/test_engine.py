@@ -118,3 +118,36 @@ def test_engine_loss_needs_nll_only_for_sft(tiny_assets):
     n_chosen = batch["chosen_attention_mask"].sum()
     torch.testing.assert_close(sft["nll_loss"], -plain["chosen_logps"].sum() / n_chosen)
     torch.testing.assert_close(ipo["chosen_logps"], plain["chosen_logps"] / batch["chosen_attention_mask"].sum(-1))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_hidden_states_through_a_wrapper_equal_the_backbones_own(tiny_assets, family):
+    """A model in a training wrapper runs through it (a hook reads the hidden state); a bare model runs its backbone
+    directly (no hook: an HPU-graph replay of the whole forward would run none). Both give the same tensor."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist.logprobs import final_hidden_states
+    from dpo_dist.tiny import build_tiny_model
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
+    model = build_tiny_model(family, tok, seed=4).eval()
+
+    class Wrapper(torch.nn.Module):  # what DDP and DeepSpeed's engine look like from outside: a .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    b = collate(_examples(3, seed=5), 0)
+    ids, att, _ = build_rows(b["prompt_input_ids"], b["prompt_attention_mask"], b["chosen_input_ids"],
+                             b["chosen_attention_mask"], max_length=None)
+    calls = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    with torch.no_grad():
+        direct = final_hidden_states(model, ids, att)
+        wrapped = final_hidden_states(Wrapper(model), ids, att)
+    handle.remove()
+    assert calls == [0]  # the wrapper path runs the whole model, lm_head on no position; the direct path skips it
+    torch.testing.assert_close(direct, wrapped, atol=0, rtol=0)

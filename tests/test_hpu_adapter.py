@@ -276,7 +276,8 @@ def test_habana_flags_and_hpu_graphs(combo):
     assert kw["use_habana"] is True and kw["use_lazy_mode"] is True and "use_cpu" not in kw
     assert kw["remove_unused_columns"] is False and kw["precompute_ref_log_probs"] is False
     ds = zero_stage_of(t.deepspeed) >= 1
-    assert kw["use_hpu_graphs_for_training"] is (not ds and not t.gradient_checkpointing), name
+    # HPU graphs off: a replay would not run the hook through which the engine reads the hidden states
+    assert kw["use_hpu_graphs_for_training"] is False and kw["use_hpu_graphs_for_inference"] is False, name
     assert kw["eval_strategy"] == ("steps" if t.eval_steps else "no")
     assert ("gaudi_config_name" in kw) == bool(t.gaudi_config_name)
     # A stage-0 config runs DDP (FusedAdamW and HPU graphs stay on), not DeepSpeed.

@@ -67,7 +67,7 @@ def test_hpu_overhead_reproduces_measured_point():
     hw = HARDWARE["gaudi2"]
     total = _calibration_memory(hw)["total"]
     assert total == pytest.approx(CALIBRATION_POINT["measured_gib"], rel=0.10)
-    # ...and the formulas alone give about half of it, as DESIGN §3 says (~50 GiB).
+    # ...and the formulas alone give about half of it (~50 GiB): the rest is the calibrated overhead.
     bare = _calibration_memory(replace(hw, overhead=0.0))["total"]
     assert 40 < bare < 55
     assert hw.overhead == pytest.approx(87 / bare - 1, abs=0.05)

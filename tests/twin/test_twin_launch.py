@@ -82,9 +82,9 @@ def test_sft_on_the_twin(tiny_assets, tmp_path):
     _skip()
     run = tmp_path / "sft"
     r = run_cmd([str(TWIN_PY), "-m", "launch", "train", "--task", "sft", "--model", str(tiny_assets.llama_dir),
-                 "--hardware", "gaudi2", "--cards", "1", "--run_dir", str(run), "--master_port", str(free_port()),
+                 "--hardware", "gaudi2", "--cards", "1", "--full", "--run_dir", str(run), "--master_port", str(free_port()),
                  "--max_length", "256", "--max_prompt_length", "128", "--", "--dataset_name", str(tiny_assets.data_dir),
-                 "--max_steps", "15", "--learning_rate", "2e-3", "--per_device_train_batch_size", "8",
+                 "--max_steps", "15", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
                  "--gradient_accumulation_steps", "1", "--logging_steps", "5", "--max_train_samples", "160",
                  "--max_eval_samples", "32", "--save_steps", "1000"], timeout=600, env=twin_env())
     assert r.returncode == 0, r.stdout[-5000:]
