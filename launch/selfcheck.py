@@ -193,6 +193,11 @@ def _fmt(x, spec=".3f") -> str:
     return "n/a" if x is None else format(x, spec)
 
 
+def _ratio(x) -> str:
+    """A measured/expected ratio: three significant digits, so a tiny model's 7e-05 does not print as 0.00%."""
+    return "n/a" if x is None else f"{x:.3g}×"
+
+
 def render_report(a: SelfcheckArguments, cards: int, twin: bool, versions: dict, doctor: tuple, results: list,
                   hub_note: str) -> str:
     """selfcheck.md (pure)."""
@@ -216,7 +221,7 @@ def render_report(a: SelfcheckArguments, cards: int, twin: bool, versions: dict,
             f"| {run.name} | {run.cards} | {result} | {m.get('steps', 'n/a')} | {_fmt(m.get('first_train_loss'), '.4f')} → "
             f"{_fmt(m.get('last_train_loss'), '.4f')} | {_fmt(m.get('eval_reward_accuracy'))} | "
             f"{_fmt(m.get('pairs_per_s_steady') or m.get('pairs_per_s'), '.1f')} | "
-            f"{_fmt(m.get('tokens_per_s_steady') or m.get('tokens_per_s'), ',.0f')} | {_fmt(r.get('vs_baseline'), '.2%')} | "
+            f"{_fmt(m.get('tokens_per_s_steady') or m.get('tokens_per_s'), ',.0f')} | {_ratio(r.get('vs_baseline'))} | "
             f"{m.get('batch_shapes', 'n/a')} | {r['wall_s']:.0f} s |")
     lines += ["", f"Hub model ({a.hub_model}): {hub_note}", "",
               "Baseline: optimum-habana's published DPO throughput (llama-7b LoRA r8, max_length 1024, 8 cards, DDP: "
