@@ -36,10 +36,10 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_dist.bucketing import fed_tokens
-    from dpo_dist.data import split_hh_transcript
-    from dpo_dist.dpo import current_rss_bytes
-    from dpo_dist.trainers import count_real_tokens
+    from dpo_dist.data.bucketing import fed_tokens
+    from dpo_dist.data.preference import split_hh_transcript
+    from dpo_dist.train.dpo import current_rss_bytes
+    from dpo_dist.train.trl_trainer import count_real_tokens
 
     kw = {k: v for k, v in (("max_length", a.max_length), ("max_prompt_length", a.max_prompt_length)) if v}
     # bf16=False: DPOConfig defaults to bf16, which TRL refuses on a CPU without bf16 support.

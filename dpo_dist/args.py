@@ -2,7 +2,7 @@
 
 Three dataclasses parsed with `transformers.HfArgumentParser`, in the style of TRL's
 `trl/scripts/dpo.py`. The names keep the contract of the seed scripts this project grew from
-(`dpo.py --model_name_or_path ... --beta ... --use_peft`); the trainer adapter (`dpo_dist.trainers`)
+(`dpo.py --model_name_or_path ... --beta ... --use_peft`); the trainer adapter (`dpo_dist.train.trl_trainer`)
 maps them onto trl 0.22's `DPOConfig` on CPU/CUDA and onto optimum-habana's `GaudiDPOConfig`
 (trl 0.9.6 style) on HPU.
 
@@ -16,7 +16,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
-from dpo_dist.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
+from dpo_dist.train.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
 
 # One name per concept: the same words the planner uses for where the reference lives.
 REFERENCE_STRATEGIES = ("auto", "adapter", "sharded", "replicated", "precomputed")

@@ -55,6 +55,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
+from dpo_dist.util.paths import cache_root
+
 if TYPE_CHECKING:  # heavy imports stay lazy: the data side needs neither torch nor transformers
     from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
@@ -681,13 +683,8 @@ class BenchAssets(TinyAssets):
     """Same layout as ``TinyAssets``, with long-tailed data and ~26M-parameter models."""
 
 
-def repo_root() -> Path:
-    return Path(__file__).resolve().parent.parent
-
-
 def default_cache_dir() -> Path:
-    env = os.environ.get("DPO_DIST_CACHE")
-    return Path(env).expanduser() if env else repo_root() / ".cache" / "dpo-dist"
+    return cache_root()
 
 
 def _assets(cls, root: Path):

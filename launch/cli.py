@@ -111,7 +111,7 @@ def available_cards(hardware: str, environ=None, cpu_count=None, hl_smi=_hl_smi_
     if hardware == "cpu":
         cores = cpu_count if cpu_count is not None else os.cpu_count()
         return (cores, f"this machine has {cores} CPU cores") if cores else (None, "os.cpu_count() is unknown")
-    from launch.plan import HARDWARE
+    from launch.plan.search import HARDWARE
 
     if HARDWARE[hardware].device == "hpu":
         n = _id_count(env.get("HABANA_VISIBLE_DEVICES"))
@@ -144,9 +144,9 @@ def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None,
 
 def build_plan(a: PlanArguments, data=None):
     """Pure: arguments (+ the data's DataShape, see data_shape_for) → (spec, hosts, plan)."""
-    from launch.hostfile import parse_hostfile
-    from launch.plan import HARDWARE, PlanOptions, make_plan
-    from launch.specs import load_spec
+    from launch.command.hostfile import parse_hostfile
+    from launch.plan.search import HARDWARE, PlanOptions, make_plan
+    from launch.plan.specs import load_spec
 
     if not a.model:
         raise LaunchError("--model is required: there are no default models (e.g. --model google/gemma-3-270m).")
@@ -170,9 +170,9 @@ def build_plan(a: PlanArguments, data=None):
 
 
 def data_shape_for(a: PlanArguments, extra: list[str]):
-    """(DataShape or None, note or None): --pair_tokens, else measured on local data (launch/datastats.py,
+    """(DataShape or None, note or None): --pair_tokens, else measured on local data (launch/plan/datastats.py,
     I/O): packed micro-batches are sized by the data's tokens per pair."""
-    from launch.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
+    from launch.plan.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
 
     if a.pair_tokens:
         try:
@@ -204,8 +204,8 @@ def _split_rank_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_plan(argv) -> int:
-    from launch.plan import plan_to_dict
-    from launch.report import render_plan_table
+    from launch.plan.search import plan_to_dict
+    from launch.plan.report import render_plan_table
 
     argv, extra = _split_rank_args(argv)
     a = _parse(PlanArguments, argv)
@@ -226,7 +226,7 @@ def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path
         if flag not in given:
             args.extend([flag, *map(str, vals)])
 
-    from launch.plan import HARDWARE
+    from launch.plan.search import HARDWARE
 
     hw = HARDWARE[a.hardware]
     put("--model_name_or_path", a.model)
@@ -281,10 +281,10 @@ def apply_batch_overrides(plan, extra: list[str]):
 
 def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     """Plan and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env). Returns (plan, cmd, run_dir)."""
-    from launch.command import build_launch_command, render_command_sh, render_deepspeed_env
+    from launch.command.builder import build_launch_command, render_command_sh, render_deepspeed_env
     from launch.dsconfig import build_ds_config, write_ds_config
-    from launch.plan import plan_to_dict
-    from launch.report import render_plan_table
+    from launch.plan.search import plan_to_dict
+    from launch.plan.report import render_plan_table
 
     spec, hosts, plan = _plan_with_data(a, extra)
     plan = apply_batch_overrides(plan, extra)
@@ -322,8 +322,8 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
 
 def plan_env(plan) -> dict:
     """Variables the plan needs on every rank (pure): Habana's ZeRO-3 memory flags for Gaudi ZeRO-3 plans."""
-    from dpo_dist.backend import HPU_ZERO3_ENV
-    from launch.plan import HARDWARE
+    from dpo_dist.train.backend import HPU_ZERO3_ENV
+    from launch.plan.search import HARDWARE
 
     if HARDWARE[plan.hardware].device == "hpu" and plan.zero_stage == 3:
         return dict(HPU_ZERO3_ENV)
@@ -343,7 +343,7 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def cmd_train(argv) -> int:
-    from launch.command import format_command
+    from launch.command.builder import format_command
     from launch.spawn import spawn
 
     argv, extra = _split_rank_args(argv)
@@ -360,7 +360,7 @@ def cmd_train(argv) -> int:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     result = spawn(cmd.commands, env, log_path=run_dir / "launch.log")
     if a.hardware == "cpu":  # ranks that were killed could not remove their shared-memory buffers
-        from dpo_dist.backend import cleanup_shm_buffers
+        from dpo_dist.train.backend import cleanup_shm_buffers
 
         cleanup_shm_buffers(a.master_port)
     if result.returncode != 0:
@@ -399,9 +399,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"\nlaunch: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
             return EXIT_USAGE
         return 0 if argv else EXIT_USAGE
-    from launch.command import CommandError
-    from launch.hostfile import HostfileError
-    from launch.specs import SpecError
+    from launch.command.builder import CommandError
+    from launch.command.hostfile import HostfileError
+    from launch.plan.specs import SpecError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

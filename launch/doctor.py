@@ -21,7 +21,7 @@ What it checks:
    cards (`hl-smi -Q index -f csv,noheader`, `HABANA_VISIBLE_DEVICES`) against `--cards`.
    CUDA: `nvidia-smi -L` (or `torch.cuda.device_count()`, imported only then) and
    `CUDA_VISIBLE_DEVICES`. CPU: the usable cores (informational).
-3. **The hostfile**: parsed with `launch.hostfile` (errors name the line and column), then each
+3. **The hostfile**: parsed with `launch.command.hostfile` (errors name the line and column), then each
    host is resolved (`socket.getaddrinfo`) and a TCP connection to its ssh port is tried with a
    short timeout. No shell ever sees a host name. Loopback hosts need no sshd (the CPU
    loopback launch uses `--no_ssh`), so an unreachable ssh port there is only a warning.
@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence, TextIO
 
-from dpo_dist.backend import TWIN_ENV, twin_requested
+from dpo_dist.train.backend import TWIN_ENV, twin_requested
 
 __all__ = ["Check", "CPU_PINS", "GAUDI_PINS", "collect_checks", "render_checks", "run_doctor", "version_status"]
 
@@ -413,7 +413,7 @@ def _probe_host(host: str, port: int, timeout: float) -> dict:
 
 def _hostfile_checks(path: str, cards: Optional[int], kind: str, ssh_port: int, timeout: float,
                      probe=_probe_host) -> List[Check]:
-    from launch.hostfile import HostfileError, parse_hostfile
+    from launch.command.hostfile import HostfileError, parse_hostfile
 
     sec = "hostfile"
     try:
@@ -489,7 +489,7 @@ def _hostfile_checks(path: str, cards: Optional[int], kind: str, ssh_port: int, 
 
 
 def _secret_checks(environ: Mapping[str, str], multi: bool) -> List[Check]:
-    from launch.quoting import is_secret_name
+    from launch.command.quoting import is_secret_name
 
     sec = "secrets"
     checks = []

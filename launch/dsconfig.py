@@ -21,12 +21,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from launch.plan import HARDWARE, Plan
-from launch.specs import ModelSpec
+from dpo_dist.util.paths import REPO_ROOT
+from launch.plan.search import HARDWARE, Plan
+from launch.plan.specs import ModelSpec
 
 # Source tree layout: <repo>/launch/dsconfig.py and <repo>/ds_configs/*.json. An installed
 # package must ship ds_configs/ next to launch/ (or set DPO_DIST_DS_CONFIGS).
-TEMPLATE_DIR = Path(os.environ.get("DPO_DIST_DS_CONFIGS") or Path(__file__).resolve().parent.parent / "ds_configs")
+TEMPLATE_DIR = Path(os.environ.get("DPO_DIST_DS_CONFIGS") or REPO_ROOT / "ds_configs")
 
 _OFFLOAD_CPU = {"device": "cpu", "pin_memory": True}
 

@@ -12,7 +12,7 @@ It runs, in order, and writes ``selfcheck.md`` (a report to paste into a bug rep
 3. a short LoRA run of ``google/gemma-3-270m`` on all cards when the hub is reachable (or the model is cached);
 4. per run: the loss first → last, held-out reward accuracy, pairs/s and tokens/s (steady state: after the
    warm-up, without the steps that compiled a new shape), compared with optimum-habana's published DPO
-   baseline scaled by model size (``launch.plan.PUBLISHED_DPO_BASELINES``). The tiny models are far too small
+   baseline scaled by model size (``launch.plan.search.PUBLISHED_DPO_BASELINES``). The tiny models are far too small
    for that ratio to mean much (start-up and host work dominate); the gemma-3-270m run is the comparable one.
 
 A run passes when it exits 0, its loss falls, its held-out reward accuracy is above 0.8 and the merge post-step
@@ -92,7 +92,7 @@ def train_argv(run: Run, a: SelfcheckArguments, data: str, run_dir: Path, port: 
 def expected_tokens_per_s_per_card(hardware: str, params: int) -> Optional[float]:
     """optimum-habana's published DPO throughput, per card, scaled to a model of ``params`` parameters (the same
     work per token: FLOPs per token grow with the parameter count)."""
-    from launch.plan import PUBLISHED_DPO_BASELINES
+    from launch.plan.search import PUBLISHED_DPO_BASELINES
 
     b = PUBLISHED_DPO_BASELINES.get(hardware)
     if b is None or params <= 0:
@@ -118,7 +118,7 @@ def judge(rc: int, metrics: Optional[dict], merged: bool) -> list[str]:
 
 
 def _hub_reachable(model: str) -> tuple[bool, str]:
-    from launch.specs import _offline  # one rule for "offline"
+    from launch.plan.specs import _offline  # one rule for "offline"
 
     if _offline():
         return False, "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
@@ -144,7 +144,7 @@ def _versions() -> dict:
 
 
 def _default_cards(hardware: str) -> int:
-    from dpo_dist.backend import twin_requested
+    from dpo_dist.train.backend import twin_requested
     from launch.cli import available_cards
 
     if twin_requested():
@@ -161,7 +161,7 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _run_one(run: Run, a: SelfcheckArguments, data: str, out: Path, port: int) -> dict:
-    from launch.specs import load_spec
+    from launch.plan.specs import load_spec
 
     run_dir = out / "runs" / run.name
     log = out / "runs" / f"{run.name}.log"
@@ -244,9 +244,9 @@ def render_report(a: SelfcheckArguments, cards: int, twin: bool, versions: dict,
 
 
 def run_selfcheck(a: SelfcheckArguments) -> int:
-    from dpo_dist.backend import twin_requested
+    from dpo_dist.train.backend import twin_requested
     from launch.doctor import collect_checks, render_checks
-    from launch.quoting import check_no_control
+    from launch.command.quoting import check_no_control
 
     out = Path(a.out_dir or f"runs/selfcheck-{time.strftime('%Y%m%d-%H%M%S')}")
     check_no_control(str(out), "--out_dir", ValueError)

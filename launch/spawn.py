@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from dpo_dist.logging_utils import redact
+from dpo_dist.util.logs import redact
 
 # DeepSpeed's launcher (deepspeed/launcher/launch.py) reports the first rank that failed as
 # "[<argv>] exits with return code = -9". The return code is that rank's, but the argv is the LAST rank

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.backend import cleanup_shm_buffers
-from dpo_dist.testing_utils import ROOT, cpu_env, free_port  # noqa: F401 (re-exported to the tests)
+from dpo_dist.train.backend import cleanup_shm_buffers
+from tests.support.testing_utils import ROOT, cpu_env, free_port  # noqa: F401 (re-exported to the tests)
 
 PY = sys.executable
 
@@ -150,7 +150,7 @@ def bench_row_lengths(n: int = 1000, max_length: int = 1024) -> list[tuple[int, 
     """(chosen, rejected) row lengths (prompt + response + EOS) of the first n long-tailed bench pairs."""
     from transformers import AutoTokenizer
 
-    from dpo_dist.data import split_hh_transcript
+    from dpo_dist.data.preference import split_hh_transcript
     from dpo_dist.tiny import ensure_bench_assets
 
     a = ensure_bench_assets()

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import cpu_env, run_cmd, run_main
 from dpo_dist.args import ArgumentError, parse_args, validate
-from dpo_dist.data import DataError, normalise, split_hh_transcript
+from dpo_dist.data.preference import DataError, normalise, split_hh_transcript
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 
@@ -98,7 +98,7 @@ def test_yaml_recipe_defaults_and_cli_override(tmp_path):
     ],
 )
 def test_bad_arguments_exit_2_and_create_nothing(tmp_path, argv, needle):
-    from dpo_dist.dpo import main
+    from dpo_dist.train.dpo import main
 
     out = tmp_path / "never"
     res = run_main(main, [*argv, "--output_dir", str(out)], env=cpu_env())
@@ -119,7 +119,7 @@ def test_non_empty_output_dir_is_refused_and_kept(tmp_path):
 
 
 def test_cleanup_shm_buffers_removes_only_that_runs_files(tmp_path):
-    from dpo_dist.backend import cleanup_shm_buffers
+    from dpo_dist.train.backend import cleanup_shm_buffers
 
     names = ["deepspeed_allreduce_buffer_0_127.0.0.1_29601_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29601_1",
              "deepspeed_allreduce_buffer_0_127.0.0.1_29602_0", "unrelated"]

@@ -43,7 +43,7 @@ def report(case: str, res, line: str) -> None:
 
 
 def run_dpo(case: str, *argv, env=None):
-    from dpo_dist.dpo import main
+    from dpo_dist.train.dpo import main
 
     res = run_main(main, [*SMALL, *argv], env=env or cpu_env())
     line = message_line(res.stdout)
@@ -234,7 +234,7 @@ def test_more_gaudi_cards_than_visible(tmp_path, tiny_assets):
 
 def test_available_cards_is_only_checked_when_known():
     from launch.cli import LaunchError, PlanArguments, available_cards, check_cards_available
-    from launch.hostfile import HostEntry
+    from launch.command.hostfile import HostEntry
 
     assert available_cards("cpu", {}, cpu_count=4) == (4, "this machine has 4 CPU cores")
     assert available_cards("gaudi2", {"HABANA_VISIBLE_DEVICES": "all"}, hl_smi=lambda: None)[0] is None

@@ -8,7 +8,7 @@ import random
 
 import pytest
 
-from dpo_dist.bucketing import BucketBatchSampler, bucket_of, choose_buckets, padding_fraction
+from dpo_dist.data.bucketing import BucketBatchSampler, bucket_of, choose_buckets, padding_fraction
 
 
 def _cost(lengths, buckets):
@@ -76,8 +76,8 @@ def test_bucketed_batch_same_logps_and_loss(tiny_assets):
     from transformers import AutoTokenizer
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    from dpo_dist.engine import EngineCollator, EngineConfig, build_rows
-    from dpo_dist.logprobs import sequence_logps
+    from dpo_dist.train.engine import EngineCollator, EngineConfig, build_rows
+    from dpo_dist.model.logprobs import sequence_logps
     from dpo_dist.tiny import build_tiny_model
 
     tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)

@@ -1,4 +1,4 @@
-"""launch/command.py and launch/quoting.py: golden launch commands, .deepspeed_env, command.sh,
+"""launch/command/builder.py and launch/command/quoting.py: golden launch commands, .deepspeed_env, command.sh,
 injection and secrets (issue 3 §5, issue 5 §4-§5).
 
 Fast and pure apart from a few `bash` runs of rendered scripts whose launcher is replaced by a
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.command import (
+from launch.command.builder import (
     CommandError,
     LaunchCommand,
     build_launch_command,
@@ -29,8 +29,8 @@ from launch.command import (
     render_command_sh,
     render_deepspeed_env,
 )
-from launch.hostfile import HostEntry, parse_hostfile
-from launch.quoting import PDSH_SAFE_CHARS, QuotingError, check_reshell_safe, quote
+from launch.command.hostfile import HostEntry, parse_hostfile
+from launch.command.quoting import PDSH_SAFE_CHARS, QuotingError, check_reshell_safe, quote
 
 REPO = Path(__file__).resolve().parents[1]
 GAUDI_2X8 = REPO / "hostfiles" / "gaudi_2x8.txt"
@@ -608,7 +608,7 @@ def test_single_remote_host_forces_multi_node_mode():
 
 
 def test_secret_names_are_whole_words_so_tokenizers_parallelism_is_not_one():
-    from dpo_dist.logging_utils import is_secret_name
+    from dpo_dist.util.logs import is_secret_name
 
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"):
         assert is_secret_name(name), name

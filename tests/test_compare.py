@@ -82,7 +82,7 @@ def test_json_keeps_seed_keys_and_adds_metrics(comparison):
     assert cfg["greedy"] is True and cfg["seed"] == 1
     from dataclasses import fields
 
-    from dpo_dist.compare_base_vs_dpo import CompareArguments
+    from dpo_dist.post.compare import CompareArguments
 
     allowed = {f.name for f in fields(CompareArguments)} | {"max_completion_length", "device", "report", "versions"}
     assert set(cfg) <= allowed, set(cfg) - allowed  # the arguments only: no environment dump
@@ -168,7 +168,7 @@ def test_generate_cli_prints_sequences(dpo_model):
 
 
 def test_generate_cli_bad_model_exits_2(tmp_path):
-    from dpo_dist.generate import main
+    from dpo_dist.post.generate import main
 
     res = run_main(main, ["--model_name_or_path", str(tmp_path / "missing"), "--prompt", "hi"], env=cpu_env())
     assert res.returncode == 2, res.stdout
@@ -180,7 +180,7 @@ def test_generate_cli_bad_model_exits_2(tmp_path):
     ["missing_base", "missing_folder", "bad_top_p"],
 )
 def test_compare_bad_arguments_exit_2_and_write_nothing(case, tiny_assets, tmp_path):
-    from dpo_dist.compare_base_vs_dpo import main
+    from dpo_dist.post.compare import main
 
     work = tmp_path / "work"
     work.mkdir()
@@ -201,7 +201,7 @@ def test_compare_bad_arguments_exit_2_and_write_nothing(case, tiny_assets, tmp_p
 
 
 def test_metric_functions():
-    from dpo_dist.compare_base_vs_dpo import kl_metrics, preference_metrics, reward_metrics
+    from dpo_dist.post.compare import kl_metrics, preference_metrics, reward_metrics
 
     p = preference_metrics([-10.0, -5.0, -3.0], [-8.0, -6.0, -3.0], [10, 5, 3], [4, 6, 3])
     assert p["preference_accuracy"] == pytest.approx(1 / 3)  # ties are misses
@@ -214,7 +214,7 @@ def test_metric_functions():
 
 
 def test_report_functions_on_synthetic_data(tmp_path):
-    from dpo_dist.report import curves_from_log_history, plot_training_curves
+    from dpo_dist.post.report import curves_from_log_history, plot_training_curves
 
     history = [
         {"loss": 0.69, "rewards/accuracies": 0.0, "rewards/margins": 0.0, "step": 1},

@@ -211,7 +211,7 @@ def test_sigkill_of_a_rank_stops_the_run_and_names_it(tmp_path, tiny_assets):
 
 
 def _complete(ckpt: Path) -> bool:
-    from dpo_dist.dpo import checkpoint_problems
+    from dpo_dist.train.dpo import checkpoint_problems
 
     return ckpt.is_dir() and not checkpoint_problems(ckpt, world_size=2, deepspeed=True)
 
@@ -249,7 +249,7 @@ def test_sigterm_to_the_launcher_is_forwarded_and_keeps_checkpoints(tmp_path, ti
 
 def test_dist_timeout_maps_to_ddp_timeout_and_is_validated():
     from dpo_dist.args import ArgumentError, parse_args, validate
-    from dpo_dist.trainers import dpo_config_kwargs
+    from dpo_dist.train.trl_trainer import dpo_config_kwargs
 
     m, d, t = parse_args(["--model_name_or_path", "m"])
     assert t.dist_timeout == 1800

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from dpo_dist.engine import EngineCollator, EngineConfig, build_rows, collate, forward_logps, tokenize_pair
+from dpo_dist.train.engine import EngineCollator, EngineConfig, build_rows, collate, forward_logps, tokenize_pair
 
 
 def _examples(n=5, seed=0):
@@ -73,7 +73,7 @@ def test_static_shapes_equal_dynamic(tiny_assets, packing):
     lm_head calls take all positions of the bucket-padded rows: their shape follows from the bucket alone."""
     from transformers import AutoTokenizer
 
-    from dpo_dist.packing import register_varlen_attention, varlen_name
+    from dpo_dist.model.packing import register_varlen_attention, varlen_name
     from dpo_dist.tiny import build_tiny_model
 
     tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
@@ -126,7 +126,7 @@ def test_hidden_states_through_a_wrapper_equal_the_backbones_own(tiny_assets, fa
     directly (no hook: an HPU-graph replay of the whole forward would run none). Both give the same tensor."""
     from transformers import AutoTokenizer
 
-    from dpo_dist.logprobs import final_hidden_states
+    from dpo_dist.model.logprobs import final_hidden_states
     from dpo_dist.tiny import build_tiny_model
 
     tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)

@@ -1,4 +1,4 @@
-"""launch/hostfile.py: the `host slots=N` parser and validator (issue 3 §6, issue 5 §1/§5).
+"""launch/command/hostfile.py: the `host slots=N` parser and validator (issue 3 §6, issue 5 §1/§5).
 
 Pure and fast: no processes, no network. DeepSpeed is imported only to check that the format we
 accept is a subset of what its own `fetch_hostfile` parses, with the same result.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.hostfile import HostEntry, HostfileError, main, parse_hostfile, parse_hostfile_text, validate_hostfile_cli
+from launch.command.hostfile import HostEntry, HostfileError, main, parse_hostfile, parse_hostfile_text, validate_hostfile_cli
 
 REPO = Path(__file__).resolve().parents[1]
 GAUDI_2X8 = REPO / "hostfiles" / "gaudi_2x8.txt"

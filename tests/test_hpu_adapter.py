@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from dpo_dist import args as A
-from dpo_dist import trainers_gaudi as G
-from dpo_dist.deepspeed_config import zero_stage_of
-from dpo_dist.reference import resolve_reference
+from dpo_dist.train import gaudi_trainer as G
+from dpo_dist.train.deepspeed import zero_stage_of
+from dpo_dist.train.reference import resolve_reference
 
 OH_VERSION = "1.21.2"
 DPO_TRAINER_REL = Path("trl/trainer/dpo_trainer.py")
@@ -360,9 +360,9 @@ def test_module_imports_nothing_from_habana():
         if isinstance(node, (ast.Import, ast.ImportFrom)):
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
             assert not any(n.startswith(("optimum", "habana")) for n in names), ast.unparse(node)
-    code = "import sys, dpo_dist.trainers_gaudi; print([m for m in sys.modules if m.startswith(('optimum','habana'))])"
+    code = "import sys, dpo_dist.train.gaudi_trainer; print([m for m in sys.modules if m.startswith(('optimum','habana'))])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                         cwd=str(Path(G.__file__).parents[1]))
+                         cwd=str(Path(G.__file__).parents[2]))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
 

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dpo_dist.losses import LOSS_TYPES, dpo_losses
+from dpo_dist.train.losses import LOSS_TYPES, dpo_losses
 from support.engine_probe import RunningMean
 
 

@@ -40,7 +40,7 @@ def _copy(src: Path, dst: Path, with_checkpoints: bool) -> Path:
 
 def _cli(*args, env_extra=None):
     """`python -m dpo_dist.merge ARGS`, in this process (conftest.run_main)."""
-    from dpo_dist.merge import main
+    from dpo_dist.post.merge import main
 
     return run_main(main, args, env=cpu_env(**(env_extra or {})))
 
@@ -102,7 +102,7 @@ def _zero_sd(ckpt: Path) -> dict:
 def test_lora_merge_matches_adapter_model(tmp_path, trained, tiny_assets, family):
     from peft import PeftModel
 
-    from dpo_dist.merge import merge_model
+    from dpo_dist.post.merge import merge_model
 
     out = trained(family, "lora")
     batch = _batch(tiny_assets, family)
@@ -143,7 +143,7 @@ def test_lora_merge_matches_adapter_model(tmp_path, trained, tiny_assets, family
 def test_full_finetune_gather_equals_zero_to_fp32_and_save_model(tmp_path, trained, tiny_assets, family):
     from safetensors.torch import load_file
 
-    from dpo_dist.merge import merge_model
+    from dpo_dist.post.merge import merge_model
 
     out = trained(family, "full")
     report = merge_model(out / CKPT, tmp_path / "merged")
@@ -194,7 +194,7 @@ def _break(weights: Path) -> list[str]:
 
 
 def test_save_without_gather_and_no_checkpoint_is_refused(tmp_path, trained):
-    from dpo_dist.merge import MergeError, merge_model
+    from dpo_dist.post.merge import MergeError, merge_model
 
     src = _copy(trained("llama", "full"), tmp_path / "broken", with_checkpoints=False)
     names = _break(src / "model.safetensors")
@@ -216,7 +216,7 @@ def test_save_without_gather_and_no_checkpoint_is_refused(tmp_path, trained):
 def test_save_without_gather_is_regathered_from_checkpoint(tmp_path, trained, tiny_assets):
     from peft import PeftModel
 
-    from dpo_dist.merge import MergeError, merge_model
+    from dpo_dist.post.merge import MergeError, merge_model
 
     # Full fine-tune: the output's and checkpoint's model.safetensors are both empty; the ZeRO shards are intact.
     orig = trained("llama", "full")
@@ -292,7 +292,7 @@ def test_killed_merge_leaves_no_output_and_next_merge_cleans_up(tmp_path, traine
 
 def test_overwrite_moved_aside_by_a_killed_merge_is_restored(tmp_path, trained):
     """A merge killed between moving the old output aside and renaming the new one in: the old one comes back."""
-    from dpo_dist.merge import MergeArgumentError, merge_model
+    from dpo_dist.post.merge import MergeArgumentError, merge_model
 
     out = tmp_path / "merged"
     aside = tmp_path / "merged.old-999999"
@@ -308,7 +308,7 @@ def test_overwrite_moved_aside_by_a_killed_merge_is_restored(tmp_path, trained):
 # ----------------------------------------------------------------------------------------------
 
 def test_missing_zero_shard_is_named(tmp_path, trained):
-    from dpo_dist.merge import MergeError, merge_model
+    from dpo_dist.post.merge import MergeError, merge_model
 
     ckpt = _copy(trained("llama", "full") / CKPT, tmp_path / "ckpt", with_checkpoints=True)
     (ckpt / f"global_step{ZERO3_STEPS}" / "zero_pp_rank_1_mp_rank_00_model_states.pt").unlink()
@@ -326,7 +326,7 @@ def test_missing_zero_shard_is_named(tmp_path, trained):
 
 
 def test_existing_output_is_refused_without_overwrite(tmp_path, trained):
-    from dpo_dist.merge import merge_model
+    from dpo_dist.post.merge import merge_model
 
     src = trained("llama", "lora")
     out = tmp_path / "merged"
@@ -342,7 +342,7 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, trained):
 
 
 def test_bad_arguments_exit_2(tmp_path):
-    from dpo_dist.merge import MergeArgumentError, merge_model
+    from dpo_dist.post.merge import MergeArgumentError, merge_model
 
     res = _cli("--checkpoint", tmp_path / "nope", "--output", tmp_path / "out", "--max_shard_size", "2GB")
     assert res.returncode == 2 and "no such folder" in res.stdout and "Traceback" not in res.stdout, res.stdout[-2000:]

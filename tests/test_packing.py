@@ -1,4 +1,4 @@
-"""Packing (dpo_dist/packing.py): one packed row gives the same log-probs and gradients as the
+"""Packing (dpo_dist/model/packing.py): one packed row gives the same log-probs and gradients as the
 unpacked rows, for Llama and Gemma 3 (sliding window included); a packed micro-batch pads once."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from dpo_dist.engine import build_rows, packed_logps
-from dpo_dist.logprobs import sequence_logps
-from dpo_dist.packing import pack_rows, register_varlen_attention, varlen_name
+from dpo_dist.train.engine import build_rows, packed_logps
+from dpo_dist.model.logprobs import sequence_logps
+from dpo_dist.model.packing import pack_rows, register_varlen_attention, varlen_name
 
 
 def _rows(vocab, seed, n=3, max_length=14):
@@ -85,7 +85,7 @@ def test_packed_row_never_predicts_across_rows():
 
 
 def test_packed_sampler_seeded_distributed_balanced():
-    from dpo_dist.bucketing import PackedBatchSampler
+    from dpo_dist.data.bucketing import PackedBatchSampler
 
     rng = random.Random(0)
     lengths = [int(rng.lognormvariate(5, 0.7)) + 10 for _ in range(203)]
@@ -116,7 +116,7 @@ def test_packed_padding_on_long_tail_bench_data(micro_batch):
     cannot go below ~18% on these 1000 rows: tests/test_bucketing.py)."""
     from conftest import bench_row_lengths
 
-    from dpo_dist.bucketing import PackedBatchSampler, choose_buckets, padding_fraction
+    from dpo_dist.data.bucketing import PackedBatchSampler, choose_buckets, padding_fraction
 
     pairs = [c + r for c, r in bench_row_lengths(1000)]
     sampler = PackedBatchSampler(pairs, micro_batch, num_replicas=2, seed=0)
@@ -127,8 +127,8 @@ def test_packed_padding_on_long_tail_bench_data(micro_batch):
 
 
 def test_collator_pads_packed_batch_to_its_bucket_total():
-    from dpo_dist.bucketing import fed_tokens
-    from dpo_dist.engine import EngineCollator, EngineConfig
+    from dpo_dist.data.bucketing import fed_tokens
+    from dpo_dist.train.engine import EngineCollator, EngineConfig
 
     cfg = EngineConfig(max_length=None, max_prompt_length=None, max_completion_length=None, pad_token_id=0, packing=True)
     ex = [{"prompt_input_ids": [5] * 3, "chosen_input_ids": [6] * 4, "rejected_input_ids": [7] * 2},
@@ -143,8 +143,8 @@ def test_collator_pads_packed_batch_to_its_bucket_total():
 
 def test_planner_sizes_packed_micro_batches_by_the_data(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the built-in spec, without asking the hub
-    from launch.plan import HARDWARE, PlanOptions, estimate_memory, make_plan, packed_tokens
-    from launch.specs import load_spec
+    from launch.plan.search import HARDWARE, PlanOptions, estimate_memory, make_plan, packed_tokens
+    from launch.plan.specs import load_spec
 
     s, cpu = load_spec("google/gemma-3-270m"), HARDWARE["cpu"]
     base = dict(cards=2, max_length=1024, max_prompt_length=512, use_peft=False, card_memory_gib=16.0)

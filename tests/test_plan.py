@@ -11,7 +11,7 @@ from dataclasses import replace
 
 import pytest
 
-from launch.plan import (
+from launch.plan.search import (
     CALIBRATION_POINT,
     GIB,
     HARDWARE,
@@ -24,8 +24,8 @@ from launch.plan import (
     model_state_bytes,
     plan_to_dict,
 )
-from launch.report import render_plan_table
-from launch.specs import load_spec
+from launch.plan.report import render_plan_table
+from launch.plan.specs import load_spec
 
 MODELS = [
     "google/gemma-3-270m", "google/gemma-3-1b-it", "google/gemma-3-4b-it", "google/gemma-3-12b-it",
@@ -76,7 +76,7 @@ def test_hpu_overhead_reproduces_measured_point():
 @pytest.mark.parametrize("hw,samples_per_s", [("gaudi2", 13.5), ("gaudi3", 15.1)])
 def test_speed_model_reproduces_published_dpo_baselines(hw, samples_per_s):
     """optimum-habana baselines: llama-7b LoRA r8, max_length 1024, bs 1, GA 4, 8 cards, DDP."""
-    from launch.plan import PUBLISHED_DPO_BASELINES
+    from launch.plan.search import PUBLISHED_DPO_BASELINES
 
     assert PUBLISHED_DPO_BASELINES[hw]["pairs_per_s"] == samples_per_s
     s = spec("meta-llama/Llama-2-7b-hf")
@@ -492,7 +492,7 @@ def test_render_plan_table():
 
 
 def test_launch_imports_no_accelerator_stack():
-    code = ("import sys, launch.specs, launch.plan, launch.dsconfig, launch.report; "
+    code = ("import sys, launch.plan.specs, launch.plan.search, launch.dsconfig, launch.plan.report; "
             "print([m for m in ('torch', 'deepspeed', 'transformers', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -11,10 +11,10 @@ def _build(tiny, tmp_path, *, reference, max_length=96, cache_dir=None, extra=()
     from transformers import set_seed
 
     from dpo_dist.args import parse_args, validate
-    from dpo_dist.backend import get_backend
-    from dpo_dist.data import load_preference_splits, with_bos
-    from dpo_dist.modeling import load_model, load_tokenizer
-    from dpo_dist.trainers import build_trainer, build_training_setup
+    from dpo_dist.train.backend import get_backend
+    from dpo_dist.data.preference import load_preference_splits, with_bos
+    from dpo_dist.model.loader import load_model, load_tokenizer
+    from dpo_dist.train.trl_trainer import build_trainer, build_training_setup
 
     argv = ["--model_name_or_path", str(tiny.llama_dir), "--dataset_name", str(tiny.data_dir),
             "--output_dir", str(tmp_path / f"out-{reference}-{max_length}"), "--device", "cpu",

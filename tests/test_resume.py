@@ -144,7 +144,7 @@ def runs(tmp_path_factory, tiny_assets, zero3_config, zero3_run):
     phase2 = [Launch(f"{m}_B2", _dpo_args(tiny_assets, zero3_config, out[m]["B"], m,
                                           ["--resume_from_checkpoint", "latest"]), tmp)
               for m in ("full", "lora") if phase1_ok[m]]
-    from dpo_dist.dpo import main
+    from dpo_dist.train.dpo import main
 
     refused = {case: run_main(main, _dpo_args(tiny_assets, zero3_config, folder, "full",
                                               ["--resume_from_checkpoint", "latest"]),
@@ -228,7 +228,7 @@ def _args(output_dir, value="latest"):
 
 def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
     from dpo_dist.args import ArgumentError
-    from dpo_dist.dpo import checkpoint_problems, resolve_checkpoint
+    from dpo_dist.train.dpo import checkpoint_problems, resolve_checkpoint
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     good = runs.out["full"]["B"] / CKPT

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from datasets import Dataset
 
-from dpo_dist.engine import tokenize_pair
-from dpo_dist.sft import loss_token_fraction, sft_features
+from dpo_dist.train.engine import tokenize_pair
+from dpo_dist.train.sft import loss_token_fraction, sft_features
 
 
 def _tok(tiny_assets):

@@ -6,7 +6,7 @@ import types
 
 import pytest
 
-from launch.specs import BUILTIN, GEMMA3_SIZES, ModelSpec, SpecError, load_spec, spec_from_config
+from launch.plan.specs import BUILTIN, GEMMA3_SIZES, ModelSpec, SpecError, load_spec, spec_from_config
 
 
 @pytest.fixture(autouse=True)

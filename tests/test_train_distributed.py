@@ -91,7 +91,7 @@ PACKED = [("llama", "full", "precomputed"), ("gemma3", "lora", "adapter")]
 
 @pytest.mark.parametrize("family,mode,reference", PACKED, ids=[f"{f}-{m}-packed" for f, m, _ in PACKED])
 def test_dpo_zero3_two_ranks_packed(tmp_path, tiny_assets, zero3_config, family, mode, reference):
-    """Packing + 8 bucket totals under ZeRO-3 (dpo_dist/packing.py): it trains as well as the unpacked
+    """Packing + 8 bucket totals under ZeRO-3 (dpo_dist/model/packing.py): it trains as well as the unpacked
     cases above, with little padding and at most 8 shapes; Gemma 3's reference is its adapter-off
     forward through the same packed path, Llama's comes from the reference log-prob cache."""
     out = tmp_path / "out"

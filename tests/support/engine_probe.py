@@ -22,14 +22,14 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dpo_dist.losses import LOSS_TYPES  # noqa: E402
+from dpo_dist.train.losses import LOSS_TYPES  # noqa: E402
 
 VARIANTS = ("rows", "buckets", "packed")
 MAX_LENGTH, MAX_PROMPT = 96, 48
 
 
 def _rows(data_dir: Path, tokenizer, n: int) -> list[dict]:
-    from dpo_dist.data import split_hh_transcript
+    from dpo_dist.data.preference import split_hh_transcript
 
     out = []
     for i, line in enumerate(open(data_dir / "train.jsonl")):
@@ -60,10 +60,10 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
     import torch
     from transformers import AutoTokenizer
 
-    from dpo_dist.backend import _BACKENDS, _TWIN
-    from dpo_dist.bucketing import choose_buckets, pair_row_lengths
-    from dpo_dist.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics, tokenize_pair
-    from dpo_dist.modeling import load_model
+    from dpo_dist.train.backend import _BACKENDS, _TWIN
+    from dpo_dist.data.bucketing import choose_buckets, pair_row_lengths
+    from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics, tokenize_pair
+    from dpo_dist.model.loader import load_model
 
     backend = _TWIN if path == "hpu" else _BACKENDS["cpu"]
     if sliding_window:
@@ -137,7 +137,7 @@ def _loss_of(loss_type: str, cfg, model, batch, ref_c, ref_r) -> float:
 
     import torch
 
-    from dpo_dist.engine import forward_logps, loss_and_metrics
+    from dpo_dist.train.engine import forward_logps, loss_and_metrics
 
     lcfg = dataclasses.replace(cfg, loss_type=loss_type, label_smoothing=0.1 if loss_type in ("sigmoid", "robust") else 0)
     with torch.no_grad():

@@ -106,7 +106,7 @@ def test_every_stubbed_name_says_what_the_real_one_does():
 def test_stand_in_is_never_shipped_or_importable_by_default():
     import tomllib
 
-    from dpo_dist.testing_utils import ROOT
+    from tests.support.testing_utils import ROOT
 
     cfg = tomllib.loads((ROOT / "pyproject.toml").read_text())
     assert cfg["tool"]["setuptools"]["packages"] == ["launch", "dpo_dist"]
@@ -122,7 +122,7 @@ def test_twin_venv_holds_the_gaudi_pins_and_imports():
 
     from packaging.requirements import Requirement
 
-    from dpo_dist.testing_utils import ROOT
+    from tests.support.testing_utils import ROOT
     from support.twin import TWIN_PY, twin_env, twin_skip_reason
 
     if reason := twin_skip_reason():

@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from dpo_dist.logprobs import causal_lm_parts
+from dpo_dist.model.logprobs import causal_lm_parts
 
 VARLEN_PREFIX = "dpo_dist_varlen_"
 BASES = ("sdpa", "eager")

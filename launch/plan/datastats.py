@@ -1,7 +1,7 @@
 """Tokens per preference pair of the training data, for the planner's packed micro-batch size.
 
 The one side effect the planner's inputs need beyond the model config: read the training data
-the ranks will read (same arguments, same loader: dpo_dist.data) and measure (mean, max) tokens
+the ranks will read (same arguments, same loader: dpo_dist.data.preference) and measure (mean, max) tokens
 per pair on a seeded sample. Only local data with a local tokenizer is read: a hub id may hang
 on a machine without network, and a plan must work on a laptop. Otherwise the planner sizes
 packed micro-batches for the worst case (every row max_length) and says so.
@@ -45,8 +45,8 @@ def measure_pair_tokens(model: str, rank_args: list[str], *, max_length: int, ma
     if not (_local(d.dataset_name) and _local(tok_name)):
         return None, (f"token lengths not measured (--dataset_name {d.dataset_name} or the tokenizer is not a local "
                       "path): packed micro-batches sized for max_length rows; pass --pair_tokens MEAN,MAX to size them")
-    from dpo_dist.data import load_preference_splits, pair_token_stats, with_bos
-    from dpo_dist.modeling import load_tokenizer
+    from dpo_dist.data.preference import load_preference_splits, pair_token_stats, with_bos
+    from dpo_dist.model.loader import load_tokenizer
 
     try:
         tok = load_tokenizer(m)

@@ -14,7 +14,7 @@ histogram, so there are at most K shapes and little padding.
   bucket (``chosen_pad_to`` / ``rejected_pad_to`` in the batch, set by ``engine.EngineCollator``). One concatenated forward
   must pad the shorter (usually rejected) row to the longer one: on the bench data that alone
   is 14% padding, whatever the buckets. Right padding (attention 0) changes no log-prob.
-- Packed (``--packing``, dpo_dist/packing.py): the 2b rows of a batch run as ONE row, padded
+- Packed (``--packing``, dpo_dist/model/packing.py): the 2b rows of a batch run as ONE row, padded
   once from its total to one of K bucket *totals* (``packed_pad_to``), chosen by the same DP on
   the totals of the batches ``PackedBatchSampler`` will form. Per-row buckets cannot go below
   ~12% padding on the bench data with 8 shapes; packed totals reach a few %.

@@ -91,7 +91,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
-from launch.specs import ModelSpec
+from launch.plan.specs import ModelSpec
 
 GIB = 1024**3
 STAGES = (0, 1, 2, 3)
@@ -128,7 +128,7 @@ class Hardware:
     host_link_gbs: float = 25.0  # GB/s per card, card <-> host (offload)
     offload_supported: bool = True
     host_memory_gib: float = 1024.0  # host RAM per node, bounds offload (typical 8-card server)
-    # What the ranks do on this hardware (dpo_dist/backend.py holds the same facts for the ranks):
+    # What the ranks do on this hardware (dpo_dist/train/backend.py holds the same facts for the ranks):
     device: str = "cpu"  # the ranks' --device
     fused_sdpa: bool = True  # the DPO forward's attention keeps no s x s score matrix (flash / fused SDPA)
     packing_attention: str = "varlen"  # packed rows: per-row kernels ("varlen") or a T x T block mask ("block_mask")
@@ -205,21 +205,21 @@ class PlanOptions:
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     global_batch_size: int = 64  # preference pairs per optimizer step (target)
     fused_attention: bool = True
-    # The engine's features (dpo_dist/engine.py), on every hardware. None: on.
-    # Chunked log-probs (dpo_dist/logprobs.py): no [2b, s, V] logits, only one chunk's.
+    # The engine's features (dpo_dist/train/engine.py), on every hardware. None: on.
+    # Chunked log-probs (dpo_dist/model/logprobs.py): no [2b, s, V] logits, only one chunk's.
     chunked_logps: bool | None = None
-    # The reference log-prob cache (dpo_dist/refcache.py): "auto" may pick "precomputed" (no reference model in
+    # The reference log-prob cache (dpo_dist/train/refcache.py): "auto" may pick "precomputed" (no reference model in
     # memory during training, cache reused on resume), under any ZeRO stage.
     reference_cache: bool | None = None
-    # Packing (dpo_dist/packing.py): a micro-batch's rows in one row, attention kept inside each row, per row
+    # Packing (dpo_dist/model/packing.py): a micro-batch's rows in one row, attention kept inside each row, per row
     # (varlen: no score matrix) or through a block-diagonal mask (Gaudi: a T x T mask). Needs chunked_logps.
     packing: bool | None = None
-    # Padding shapes (dpo_dist/bucketing.py): rows (or, packed, micro-batch totals) padded to at most
+    # Padding shapes (dpo_dist/data/bucketing.py): rows (or, packed, micro-batch totals) padded to at most
     # this many lengths chosen from the data; 0 = off (a static-shape device then pads to one length).
     # Memory is planned for the largest shape, max_length (unpacked) or the largest packed total.
     length_buckets: int = 8
     # (mean, max) tokens per pair (chosen + rejected rows, truncated) of the training data, measured by
-    # the launcher (dpo_dist.data.pair_token_stats). Packed micro-batches are sized by them; None:
+    # the launcher (dpo_dist.data.preference.pair_token_stats). Packed micro-batches are sized by them; None:
     # the worst case, every row max_length tokens.
     pair_tokens: tuple[float, float] | None = None
     # Training pairs, when known: no micro-batch beyond this rank's share (it would repeat pairs).
@@ -302,7 +302,7 @@ class Plan:
     est_tokens_per_s: float
     notes: tuple[str, ...] = ()
     suggestion: Suggestion | None = None
-    # How batches are shaped and run (dpo_dist/engine.py: bucketing.py, packing.py, logprobs.py), on every hardware.
+    # How batches are shaped and run (dpo_dist/train/engine.py: bucketing.py, packing.py, logprobs.py), on every hardware.
     length_buckets: int = 0
     packing: bool = False
     chunked_logps: bool = False
@@ -458,7 +458,7 @@ def packed_layer_elements(spec: ModelSpec) -> int:
 
 
 def packed_tokens(opts: PlanOptions, micro_batch_size: int) -> float:
-    """Tokens of the largest packed micro-batch. dpo_dist.bucketing.PackedBatchSampler balances the
+    """Tokens of the largest packed micro-batch. dpo_dist.data.bucketing.PackedBatchSampler balances the
     totals: the largest is about mb·mean + (max − mean)/mb (on the bench data, mb = 1..16, within 8% of
     the measured one). Without data, the worst case: every row max_length."""
     worst = 2 * micro_batch_size * opts.max_length
@@ -477,7 +477,7 @@ def _reference_cache(hw: Hardware, opts: PlanOptions) -> bool:
 
 
 def _chunk_tokens(vocab_size: int) -> int:
-    """As dpo_dist.logprobs.default_chunk_tokens (kept torch-free here): ~256 MiB of fp32 logits."""
+    """As dpo_dist.model.logprobs.default_chunk_tokens (kept torch-free here): ~256 MiB of fp32 logits."""
     return max(256, 256 * 2**20 // (4 * max(1, vocab_size)))
 
 

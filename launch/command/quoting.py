@@ -75,7 +75,7 @@ _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
 # An environment variable whose name contains one of these is treated as a secret: never
 # written to `.deepspeed_env`, `command.sh` or any other file the launcher produces.
-from dpo_dist.logging_utils import SECRET_NAME_MARKERS, is_secret_name  # noqa: E402 (one definition, stdlib-only)
+from dpo_dist.util.logs import SECRET_NAME_MARKERS, is_secret_name  # noqa: E402 (one definition, stdlib-only)
 
 
 def describe_char(ch: str) -> str:

@@ -41,7 +41,7 @@ class Backend:
     trainer_api: str  # "gaudi" (optimum-habana GaudiDPOTrainer, trl 0.9.6 style) | "trl" (trl 0.22 DPOTrainer)
     # Graph-compiling device: every new tensor shape is a compile, so batches come in a few fixed shapes.
     static_shapes: bool = False
-    # How packed rows keep attention apart (dpo_dist/packing.py): "varlen" (transformers' attention interface,
+    # How packed rows keep attention apart (dpo_dist/model/packing.py): "varlen" (transformers' attention interface,
     # per-row kernels) or "block_mask" (a 4D block-diagonal mask into the model's own attention code).
     packing_attention: str = "varlen"
     # Keywords for every model forward: optimum-habana's Gaudi attention takes FusedSDPA only when asked.

@@ -2,7 +2,7 @@
 
 - CPU / CUDA: trl 0.22 ``DPOTrainer(args=DPOConfig, processing_class=...)``.
 - HPU: optimum-habana's ``GaudiDPOTrainer`` (trl 0.9.6 keyword style); its argument mapping is in
-  ``trainers_gaudi.py``.
+  ``gaudi_trainer.py``.
 
 The trainer classes run the loop (optimizer, DeepSpeed, HPU graphs, checkpoints, logging).
 ``EngineTrainerMixin``, mixed in front of either, hands every DPO computation to the engine
@@ -25,11 +25,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
-from dpo_dist import trainers_gaudi
+from dpo_dist.train import gaudi_trainer
 from dpo_dist.args import ArgumentError
-from dpo_dist.deepspeed_config import zero_stage_of
-from dpo_dist.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics
-from dpo_dist.reference import resolve_reference
+from dpo_dist.train.deepspeed import zero_stage_of
+from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics
+from dpo_dist.train.reference import resolve_reference
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class EngineTrainerMixin:
 
     def _dpodist_sampler(self):
         """This rank's batch sampler for --length_buckets: grouped by row bucket, or balanced packed totals."""
-        from dpo_dist.bucketing import BucketBatchSampler, PackedBatchSampler, pair_row_lengths
+        from dpo_dist.data.bucketing import BucketBatchSampler, PackedBatchSampler, pair_row_lengths
 
         chosen, rejected = pair_row_lengths(self.train_dataset, self.dpodist_engine.max_length)
         kw = dict(num_replicas=self.args.world_size, rank=self.args.process_index, seed=self.args.seed)
@@ -148,7 +148,7 @@ class EngineTrainerMixin:
     def dpodist_choose_buckets(self, k: int) -> tuple[list, float]:
         """(bucket lengths, padding fraction they give) for this run's data: row lengths, or with
         packing the packed totals of every batch the sampler will form (all ranks, all epochs)."""
-        from dpo_dist.bucketing import choose_buckets, padding_fraction, pair_row_lengths
+        from dpo_dist.data.bucketing import choose_buckets, padding_fraction, pair_row_lengths
 
         if self.dpodist_engine.packing:
             sampler = self._dpodist_sampler()
@@ -169,7 +169,7 @@ class EngineTrainerMixin:
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training:
-            from dpo_dist.bucketing import fed_tokens
+            from dpo_dist.data.bucketing import fed_tokens
 
             self.real_tokens_seen += count_real_tokens(inputs)
             max_length = self.dpodist_engine.max_length if self.dpodist_engine else getattr(self, "max_length", None)
@@ -247,7 +247,7 @@ def dpo_config_kwargs(model_args, data_args, train_args, *, reference: str) -> d
         max_prompt_length=t.max_prompt_length,
         max_completion_length=t.max_completion_length,
         truncation_mode="keep_end",
-        # "precomputed" is dpo-dist's reference cache (dpo_dist/refcache.py), not TRL's own
+        # "precomputed" is dpo-dist's reference cache (dpo_dist/train/refcache.py), not TRL's own
         # precompute (which refuses ZeRO-3 and keeps the reference model in memory).
         precompute_ref_log_probs=False,
         force_use_ref_model=model_args.use_peft and reference in ("sharded", "replicated"),
@@ -259,10 +259,10 @@ def build_training_setup(backend, model_args, data_args, train_args) -> Training
     zero_stage = zero_stage_of(train_args.deepspeed)
     reference = resolve_reference(train_args.reference, model_args.use_peft, zero_stage)
     if backend.trainer_api == "gaudi":
-        args, gaudi_config = trainers_gaudi.build_gaudi_training_args(model_args, data_args, train_args, backend,
+        args, gaudi_config = gaudi_trainer.build_gaudi_training_args(model_args, data_args, train_args, backend,
                                                                           reference)
         return TrainingSetup(
-            "gaudi", args, zero_stage, reference, gaudi_config, trainers_gaudi.model_load_kwargs_gaudi(train_args)
+            "gaudi", args, zero_stage, reference, gaudi_config, gaudi_trainer.model_load_kwargs_gaudi(train_args)
         )
     from trl import DPOConfig
 
@@ -275,7 +275,7 @@ def build_trainer(setup: TrainingSetup, *, backend, model_args, data_args, train
     cached = setup.reference == "precomputed"
     packing = bool(train_args.packing)
     if packing and backend.packing_attention == "varlen":
-        from dpo_dist.packing import packable
+        from dpo_dist.model.packing import packable
 
         if not packable(model):
             raise ArgumentError("--packing needs the model loaded with dpo-dist's varlen attention (dpo_dist.dpo does "
@@ -289,7 +289,7 @@ def build_trainer(setup: TrainingSetup, *, backend, model_args, data_args, train
              "shapes_seen": set() if backend.static_shapes else None}
     collator = EngineCollator(engine) if engine is not None else None
     if setup.api == "gaudi":
-        trainer = trainers_gaudi.build_gaudi_trainer(
+        trainer = gaudi_trainer.build_gaudi_trainer(
             training_args=setup.args, gaudi_config=setup.gaudi_config, model=model, ref_model=ref_model,
             tokenizer=tokenizer, train_dataset=train_dataset, eval_dataset=eval_dataset, peft_config=peft_config,
             callbacks=callbacks, data_collator=collator, mixin=EngineTrainerMixin, attrs=attrs,
@@ -315,7 +315,7 @@ def build_trainer(setup: TrainingSetup, *, backend, model_args, data_args, train
                     trainer.dpodist_buckets, 100 * frac,
                     "packed batch totals padded to their bucket" if packing else "rows padded to their bucket")
     if cached:
-        from dpo_dist.refcache import attach_reference_cache
+        from dpo_dist.train.refcache import attach_reference_cache
 
         if load_reference is None:
             raise ArgumentError("--reference precomputed: no way to load the reference model (load_reference)")

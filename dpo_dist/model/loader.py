@@ -101,7 +101,7 @@ def default_attn_implementation(family: str, device: str) -> str:
 def load_model(model_args, *, device: str, bf16: bool, extra_kwargs: Optional[dict] = None, packing: bool = False):
     """The causal LM at model_args.model_name_or_path. Under ZeRO-3 the caller has already built the
     training arguments, so `from_pretrained` partitions the weights as they load. ``packing``: the
-    attention is dpo-dist's varlen wrapper around it (dpo_dist/packing.py), the same for unpacked calls."""
+    attention is dpo-dist's varlen wrapper around it (dpo_dist/model/packing.py), the same for unpacked calls."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -109,7 +109,7 @@ def load_model(model_args, *, device: str, bf16: bool, extra_kwargs: Optional[di
     family = family_of(config.model_type)
     attn = model_args.attn_implementation or default_attn_implementation(family, device)
     if packing:
-        from dpo_dist.packing import register_varlen_attention, varlen_name
+        from dpo_dist.model.packing import register_varlen_attention, varlen_name
 
         register_varlen_attention()
         attn = varlen_name(attn)

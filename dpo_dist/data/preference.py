@@ -213,9 +213,9 @@ def token_lengths(ds, tokenizer):
 def pair_token_stats(ds, tokenizer, *, max_length: int, max_prompt_length: int, max_completion_length: int,
                      sample: int = 2000, seed: int = 0) -> tuple[float, int]:
     """(mean, max) tokens per pair, chosen row + rejected row as the trainer truncates them, over at
-    most ``sample`` rows (seeded): what a packed micro-batch holds per pair (launch/plan.py). The
+    most ``sample`` rows (seeded): what a packed micro-batch holds per pair (launch/plan/search.py). The
     pairs ``ds`` has in all: ``len(ds)``."""
-    from dpo_dist.bucketing import row_lengths
+    from dpo_dist.data.bucketing import row_lengths
 
     if len(ds) > sample:
         ds = ds.shuffle(seed=seed).select(range(sample))

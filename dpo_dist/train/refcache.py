@@ -33,6 +33,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Optional
+from dpo_dist.util.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +43,7 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt")
 
 
 def default_cache_dir() -> Path:
-    env = os.environ.get("DPO_DIST_CACHE")
-    base = Path(env).expanduser() if env else Path(__file__).resolve().parent.parent / ".cache" / "dpo-dist"
-    return base / "refcache"
+    return cache_root() / "refcache"
 
 
 def weights_hash(model_path: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from launch.plan import Plan
+from launch.plan.search import Plan
 
 _MEMORY_ROWS = ("params", "grads", "optimizer", "reference", "activations", "logits", "buffers", "overhead")
 
@@ -19,7 +19,7 @@ def padding_text(plan: Plan) -> str:
 
 
 def engine_text(plan: Plan) -> str:
-    """The engine features this plan runs with (dpo_dist/engine.py), in words."""
+    """The engine features this plan runs with (dpo_dist/train/engine.py), in words."""
     parts = ["chunked log-probs" if plan.chunked_logps else "full logits"]
     if plan.packing:
         parts.append("packed rows (" + ("block-diagonal mask" if plan.packing_attention == "block_mask"

@@ -26,7 +26,7 @@ stricter in the wrong way: it rejects comment lines. The format accepted here is
 what `fetch_hostfile` parses, and on every file we accept it gives the same hosts, slots and
 order (tests/test_hostfile.py checks that against the installed DeepSpeed).
 
-Pure: no torch, no deepspeed, no network. `python -m launch.hostfile FILE [--cards N]` prints a
+Pure: no torch, no deepspeed, no network. `python -m launch.command.hostfile FILE [--cards N]` prints a
 summary or the error (exit 2).
 """
 
@@ -95,7 +95,7 @@ def _error(path: str, lineno: int, col: int, raw: str, problem: str, expected: s
 
 def host_problem(host: str) -> Optional[tuple]:
     """None if `host` is a valid hostname / IPv4 / IPv6; else `(offset, problem, fix)` with the
-    0-based offset of the offending character. Used by launch/command.py for every host name and
+    0-based offset of the offending character. Used by launch/command/builder.py for every host name and
     master address it puts on a command line."""
     for i, ch in enumerate(host):
         if ch not in _HOST_CHARS:
@@ -274,7 +274,7 @@ def validate_hostfile_cli(path: Union[str, os.PathLike], cards: Optional[int] = 
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m launch.hostfile", description="Validate a `host slots=N` hostfile.")
+    p = argparse.ArgumentParser(prog="python -m launch.command.hostfile", description="Validate a `host slots=N` hostfile.")
     p.add_argument("hostfile")
     p.add_argument("--cards", type=int, default=None, help="cards per node every line must have")
     p.add_argument("--json", action="store_true")

@@ -95,8 +95,8 @@ import sys
 from typing import Any, Optional
 
 from dpo_dist.args import ArgumentError, DataArguments, ModelArguments, TrainArguments
-from dpo_dist.engine import tokenize_pair
-from dpo_dist.deepspeed_config import zero_stage_of
+from dpo_dist.train.engine import tokenize_pair
+from dpo_dist.train.deepspeed import zero_stage_of
 
 logger = logging.getLogger(__name__)
 

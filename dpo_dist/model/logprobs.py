@@ -158,7 +158,7 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask, loss_mask: to
                    n_seqs: Optional[int] = None, static: bool = False, **forward_kwargs):
     """Per-sequence sums of log p(token_t | tokens_<t) over positions t with ``loss_mask[t]`` (t ≥ 1).
 
-    A sequence is a row, or with ``seq_ids`` [B, T] (packed rows: dpo_dist/packing.py) the tokens
+    A sequence is a row, or with ``seq_ids`` [B, T] (packed rows: dpo_dist/model/packing.py) the tokens
     of one id, ``n_seqs`` of them. ``forward_kwargs`` go to the model (position ids, row bounds).
     Returns ``(logps [n] fp32, logit_sums [n] fp32, n_tokens [n])``; logit_sums is the sum of all
     V logits over the counted positions (for TRL's mean-logits metrics). ``attention_mask`` is what the

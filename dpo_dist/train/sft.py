@@ -1,0 +1,174 @@
+"""SFT step of the pipeline: supervised fine-tuning on the chosen responses, before DPO.
+
+Same arguments, launcher and ZeRO configs as `dpo_dist.dpo`; TRL's `SFTTrainer` does the work
+(optimum-habana's `GaudiSFTTrainer` on HPU). The result is merged into `<output_dir>_merged`
+like a DPO run, and that folder is DPO's starting point (`sft_dpo_init_merged`).
+
+    deepspeed --num_accelerators 2 --module dpo_dist.sft --model_name_or_path M \
+        --dataset_name D --deepspeed ds_configs/zero3.json --output_dir runs/x/sft_dpo_init
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from dpo_dist.args import ARG_DATACLASSES
+from dpo_dist.train.engine import tokenize_pair
+
+logger = logging.getLogger("dpo_dist.sft")
+
+
+@dataclass
+class SFTArguments:
+    """Flags the seed's sft.py users pass, beside the shared ones."""
+
+    split: Optional[str] = field(default=None, metadata={"help": "Training split (alias of --dataset_train_split)."})
+    max_seq_length: Optional[int] = field(default=None, metadata={"help": "Max tokens per example (default --max_length)."})
+    remove_unused_columns: bool = field(default=False, metadata={"help": "Passed to the trainer (kept for the seed's users)."})
+
+
+def sft_rows(ds, eos: str):
+    """prompt/chosen/rejected → prompt/completion: trl 0.22's SFTTrainer puts the loss on the completion only."""
+    return ds.map(lambda r: {"prompt": r["prompt"], "completion": r["chosen"] + eos},
+                  remove_columns=["chosen", "rejected"], desc="sft rows")
+
+
+def sft_features(row: dict, tokenizer, max_len: int) -> dict:
+    """One tokenised SFT example with the loss on the response only (labels -100 on the prompt): the rows the
+    Gaudi trainer (trl 0.9.6, which would train on the whole text) gets. The engine's tokenisation, so the
+    response ends with EOS; a prompt too long for ``max_len`` keeps its end, as DPO's rows do."""
+    ids = tokenize_pair({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": ""}, tokenizer, None, max_len)
+    completion = ids["chosen_input_ids"]
+    prompt = ids["prompt_input_ids"][-(max_len - len(completion)):] if len(completion) < max_len else []
+    return {"input_ids": prompt + completion, "attention_mask": [1] * (len(prompt) + len(completion)),
+            "labels": [-100] * len(prompt) + completion}
+
+
+DPO_ONLY = {
+    "beta", "loss_type", "label_smoothing", "max_length", "max_prompt_length", "max_completion_length",
+    "max_target_length", "truncation_mode", "precompute_ref_log_probs", "force_use_ref_model",
+    "generate_during_eval", "disable_dropout", "remove_unused_columns",
+}
+
+
+def dpo_config_kwargs_common(train_args) -> dict:
+    """The TrainingArguments part of the DPO mapping: one mapping of our flags, shared by SFT and DPO."""
+    from dpo_dist.args import ModelArguments
+    from dpo_dist.train.trl_trainer import dpo_config_kwargs
+
+    kw = dpo_config_kwargs(ModelArguments(), None, train_args, reference="adapter")
+    return {k: v for k, v in kw.items() if k not in DPO_ONLY}
+
+
+def run(model_args, data_args, train_args, sft_args):
+    from transformers import set_seed
+
+    from dpo_dist.train.backend import apply_env, get_backend
+    from dpo_dist.data.preference import load_preference_splits, with_bos
+    from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
+
+    backend = get_backend(train_args.device)
+    apply_env(backend)
+    if sft_args.split:
+        data_args.dataset_train_split = sft_args.split
+    max_len = sft_args.max_seq_length or train_args.max_length
+    if backend.trainer_api == "gaudi":
+        from optimum.habana import GaudiConfig  # noqa: PLC0415 (HPU only)
+        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # noqa: PLC0415
+        from optimum.habana.trl import GaudiSFTConfig, GaudiSFTTrainer  # noqa: PLC0415
+
+        from dpo_dist.train import gaudi_trainer
+
+        adapt_transformers_to_gaudi()  # before any model loads (the twin's args do not call it)
+        kw = gaudi_trainer.gaudi_training_args_kwargs(model_args, data_args, train_args, reference="adapter",
+                                                       twin=backend.twin)
+        kw = {k: v for k, v in kw.items() if k not in DPO_ONLY}
+        args = GaudiSFTConfig(**kw, max_seq_length=max_len, packing=False, remove_unused_columns=False)
+        gaudi_config = GaudiConfig(**gaudi_trainer.gaudi_config_kwargs(train_args))
+        load_kwargs = gaudi_trainer.model_load_kwargs_gaudi(train_args)
+    else:
+        from trl import SFTConfig, SFTTrainer
+
+        kw = dpo_config_kwargs_common(train_args)
+        args = SFTConfig(**kw, max_length=max_len, completion_only_loss=True, packing=False,
+                         remove_unused_columns=sft_args.remove_unused_columns)
+        load_kwargs = {}
+
+    tokenizer = load_tokenizer(model_args)
+    with args.main_process_first(desc="dataset"):
+        train, held_out = load_preference_splits(data_args, train_args.seed)
+        train, held_out = with_bos(train, tokenizer), with_bos(held_out, tokenizer)
+        if backend.trainer_api == "gaudi":
+            cols = train.column_names
+            train = train.map(sft_features, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len}, remove_columns=cols,
+                              desc="sft features")
+            held_out = held_out.map(sft_features, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len},
+                                    remove_columns=cols, desc="sft features")
+        else:
+            train, held_out = sft_rows(train, tokenizer.eos_token), sft_rows(held_out, tokenizer.eos_token)
+    set_seed(train_args.seed)
+    model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=load_kwargs)
+    peft_config = lora_config(model_args, family) if model_args.use_peft else None
+    set_seed(train_args.seed)
+    if backend.trainer_api == "gaudi":
+        from transformers import DataCollatorForSeq2Seq
+
+        # Padded to max_len on a static-shape device: one graph, as GaudiSFTTrainer's own padding gives.
+        pad = dict(padding="max_length", max_length=max_len) if backend.static_shapes else {}
+        trainer = GaudiSFTTrainer(model=model, args=args, gaudi_config=gaudi_config, train_dataset=train,
+                                  eval_dataset=held_out, tokenizer=tokenizer, peft_config=peft_config,
+                                  max_seq_length=max_len,
+                                  data_collator=DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=-100, **pad))
+    else:
+        trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
+                             processing_class=tokenizer, peft_config=peft_config)
+    trainer.train(resume_from_checkpoint=_checkpoint(train_args))
+    metrics = trainer.evaluate()
+    trainer.save_model(train_args.output_dir)
+    if trainer.is_world_process_zero():
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        from dpo_dist.train.dpo import write_json_atomic
+
+        write_json_atomic(Path(train_args.output_dir) / "training_metrics.json", {
+            "stage": "sft", "backend": backend.device, "world_size": args.world_size, "steps": trainer.state.global_step,
+            "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
+            "train_losses": losses, "eval_loss": metrics.get("eval_loss"), "model": model_args.model_name_or_path,
+            "use_peft": model_args.use_peft, "trainer": type(trainer).__name__,
+            "loss_token_fraction": loss_token_fraction(trainer.train_dataset),
+        })
+        logger.info("sft done: %d steps, loss %s -> %s, eval loss %.4f", trainer.state.global_step,
+                    losses[0] if losses else None, losses[-1] if losses else None, metrics.get("eval_loss", float("nan")))
+    trainer.accelerator.wait_for_everyone()
+
+
+def loss_token_fraction(ds):
+    """Share of the training tokens that carry loss: below 1 when the prompt is left out (response-only SFT). Read from
+    the rows the trainer tokenised: labels (-100 = no loss) on the Gaudi path, trl 0.22's completion_mask elsewhere."""
+    if "labels" in ds.column_names:
+        rows = ds["labels"]
+        return sum(sum(x != -100 for x in r) for r in rows) / max(1, sum(len(r) for r in rows))
+    if "completion_mask" in ds.column_names:
+        rows = ds["completion_mask"]
+        return sum(sum(r) for r in rows) / max(1, sum(len(r) for r in rows))
+    return None
+
+
+def _checkpoint(train_args):
+    from dpo_dist.train.dpo import resolve_checkpoint
+
+    return resolve_checkpoint(train_args)
+
+
+def main(argv=None) -> int:
+    from dpo_dist.train.dpo import rank_main
+
+    return rank_main("dpo_dist.sft", argv, ARG_DATACLASSES + (SFTArguments,), run)
+
+
+if __name__ == "__main__":
+    from dpo_dist.train.dpo import exit_now
+
+    exit_now(main())
