@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dpo_dist.train.backend import cleanup_shm_buffers
+from dpo_dist.backend import cleanup_shm_buffers
 from tests.support.testing_utils import cpu_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent

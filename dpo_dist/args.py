@@ -16,6 +16,7 @@ import sys
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
+from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.train.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
 
 # One name per concept: the same words the planner uses for where the reference lives.
@@ -241,11 +242,10 @@ def parse_args(argv: Optional[list[str]] = None, dataclass_types=ARG_DATACLASSES
     Unknown flags and unknown recipe keys are errors that name them.
     """
     import yaml
-    from transformers import HfArgumentParser
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = _split_config_flag(argv)
-    parser = HfArgumentParser(dataclass_types)
+    parser = hf_argument_parser()(dataclass_types)
     if config_path:
         try:
             with open(config_path) as fh:

@@ -73,9 +73,7 @@ class DoctorArguments:
 
 
 def _parse(dc, argv):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dc)
+    parser = hf_argument_parser()(dc)
     (args, remaining) = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         raise LaunchError(f"unknown arguments {remaining}. Arguments for dpo_dist.dpo go after a lone `--`.")
@@ -322,7 +320,7 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
 
 def plan_env(plan) -> dict:
     """Variables the plan needs on every rank (pure): Habana's ZeRO-3 memory flags for Gaudi ZeRO-3 plans."""
-    from dpo_dist.train.backend import HPU_ZERO3_ENV
+    from dpo_dist.backend import HPU_ZERO3_ENV
     from launch.plan.search import HARDWARE
 
     if HARDWARE[plan.hardware].device == "hpu" and plan.zero_stage == 3:
@@ -360,7 +358,7 @@ def cmd_train(argv) -> int:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     result = spawn(cmd.commands, env, log_path=run_dir / "launch.log")
     if a.hardware == "cpu":  # ranks that were killed could not remove their shared-memory buffers
-        from dpo_dist.train.backend import cleanup_shm_buffers
+        from dpo_dist.backend import cleanup_shm_buffers
 
         cleanup_shm_buffers(a.master_port)
     if result.returncode != 0:

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence, TextIO
 
-from dpo_dist.train.backend import TWIN_ENV, twin_requested
+from dpo_dist.backend import TWIN_ENV, twin_requested
 
 __all__ = ["Check", "CPU_PINS", "GAUDI_PINS", "collect_checks", "render_checks", "run_doctor", "version_status"]
 

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from dpo_dist.train.backend import twin_requested
+from dpo_dist.backend import twin_requested
 from dpo_dist.util.logs import redact
+from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.util.paths import REPO_ROOT
 from launch.plan.search import HARDWARE
 
@@ -179,9 +180,7 @@ def _fmt(x) -> str:
 
 
 def main(argv=None) -> int:
-    from transformers import HfArgumentParser
-
-    (a, rest) = HfArgumentParser(PipelineArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    (a, rest) = hf_argument_parser()(PipelineArguments).parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if rest:
         print(f"pipeline: error: unknown arguments {rest}", file=sys.stderr)
         return 2

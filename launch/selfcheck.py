@@ -144,7 +144,7 @@ def _versions() -> dict:
 
 
 def _default_cards(hardware: str) -> int:
-    from dpo_dist.train.backend import twin_requested
+    from dpo_dist.backend import twin_requested
     from launch.cli import available_cards
 
     if twin_requested():
@@ -244,7 +244,7 @@ def render_report(a: SelfcheckArguments, cards: int, twin: bool, versions: dict,
 
 
 def run_selfcheck(a: SelfcheckArguments) -> int:
-    from dpo_dist.train.backend import twin_requested
+    from dpo_dist.backend import twin_requested
     from launch.doctor import collect_checks, render_checks
     from launch.command.quoting import check_no_control
 

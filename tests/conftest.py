@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dist.train.backend import cleanup_shm_buffers
+from dpo_dist.backend import cleanup_shm_buffers
 from tests.support.testing_utils import ROOT, cpu_env, free_port  # noqa: F401 (re-exported to the tests)
 
 PY = sys.executable

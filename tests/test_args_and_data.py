@@ -119,7 +119,7 @@ def test_non_empty_output_dir_is_refused_and_kept(tmp_path):
 
 
 def test_cleanup_shm_buffers_removes_only_that_runs_files(tmp_path):
-    from dpo_dist.train.backend import cleanup_shm_buffers
+    from dpo_dist.backend import cleanup_shm_buffers
 
     names = ["deepspeed_allreduce_buffer_0_127.0.0.1_29601_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29601_1",
              "deepspeed_allreduce_buffer_0_127.0.0.1_29602_0", "unrelated"]

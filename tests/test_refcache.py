@@ -11,7 +11,7 @@ def _build(tiny, tmp_path, *, reference, max_length=96, cache_dir=None, extra=()
     from transformers import set_seed
 
     from dpo_dist.args import parse_args, validate
-    from dpo_dist.train.backend import get_backend
+    from dpo_dist.backend import get_backend
     from dpo_dist.data.preference import load_preference_splits, with_bos
     from dpo_dist.model.loader import load_model, load_tokenizer
     from dpo_dist.train.trl_trainer import build_trainer, build_training_setup

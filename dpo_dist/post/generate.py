@@ -65,7 +65,7 @@ def resolve_device(requested: str = "auto"):
     """torch.device for evaluation/generation; the backend module decides which accelerator exists."""
     import torch
 
-    from dpo_dist.train.backend import detect_device
+    from dpo_dist.backend import detect_device
 
     device = detect_device(requested)
     if device == "hpu":

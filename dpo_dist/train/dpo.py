@@ -180,7 +180,7 @@ def resolve_checkpoint(train_args) -> Optional[str]:
     value = train_args.resume_from_checkpoint
     if not value:
         return None
-    from dpo_dist.train.backend import world_size as launched_world_size
+    from dpo_dist.backend import world_size as launched_world_size
 
     world_size = launched_world_size()
     deepspeed = bool(train_args.deepspeed)
@@ -377,7 +377,7 @@ def process_group_timeout_s(device) -> Optional[float]:
 
 
 def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_metrics, recorder, wall_start) -> dict:
-    from dpo_dist.train.backend import peak_memory_bytes
+    from dpo_dist.backend import peak_memory_bytes
 
     device = trainer.accelerator.device
     pairs, tokens, fed, steady_pairs, steady_tokens = _dist_reduce(
@@ -454,7 +454,7 @@ def run(model_args, data_args, train_args) -> dict:
     wall_start = time.perf_counter()
     from transformers import set_seed
 
-    from dpo_dist.train.backend import apply_env, get_backend
+    from dpo_dist.backend import apply_env, get_backend
     from dpo_dist.data.preference import apply_length_policy, load_preference_splits, with_bos
     from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
     from dpo_dist.train.trl_trainer import build_trainer, build_training_setup
@@ -534,7 +534,7 @@ def shutdown_distributed() -> None:
     except Exception:  # best effort at exit
         pass
     if os.environ.get("DS_ACCELERATOR") == "cpu" and os.environ.get("MASTER_PORT"):
-        from dpo_dist.train.backend import cleanup_shm_buffers
+        from dpo_dist.backend import cleanup_shm_buffers
 
         cleanup_shm_buffers(os.environ["MASTER_PORT"], os.environ.get("LOCAL_RANK", "0"))
 
@@ -548,7 +548,7 @@ def post_step(model_args, train_args) -> int:
     that already finished. It runs as a fresh process so no DeepSpeed/ZeRO state of training
     (zero.Init hooks, device memory) leaks into loading and verifying the merged model.
     """
-    from dpo_dist.train.backend import global_rank
+    from dpo_dist.backend import global_rank
 
     if train_args.no_merge or global_rank() != 0:
         return 0

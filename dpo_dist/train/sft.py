@@ -66,7 +66,7 @@ def dpo_config_kwargs_common(train_args) -> dict:
 def run(model_args, data_args, train_args, sft_args):
     from transformers import set_seed
 
-    from dpo_dist.train.backend import apply_env, get_backend
+    from dpo_dist.backend import apply_env, get_backend
     from dpo_dist.data.preference import load_preference_splits, with_bos
     from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
 

@@ -50,7 +50,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
-from dpo_dist.train.backend import HPU_ENV, twin_requested
+from dpo_dist.backend import HPU_ENV, twin_requested
 from launch.command.hostfile import HostEntry, host_problem
 from launch.command.quoting import (
     PDSH_SAFE_CHARS,

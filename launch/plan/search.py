@@ -128,7 +128,7 @@ class Hardware:
     host_link_gbs: float = 25.0  # GB/s per card, card <-> host (offload)
     offload_supported: bool = True
     host_memory_gib: float = 1024.0  # host RAM per node, bounds offload (typical 8-card server)
-    # What the ranks do on this hardware (dpo_dist/train/backend.py holds the same facts for the ranks):
+    # What the ranks do on this hardware (dpo_dist/backend.py holds the same facts for the ranks):
     device: str = "cpu"  # the ranks' --device
     fused_sdpa: bool = True  # the DPO forward's attention keeps no s x s score matrix (flash / fused SDPA)
     packing_attention: str = "varlen"  # packed rows: per-row kernels ("varlen") or a T x T block mask ("block_mask")

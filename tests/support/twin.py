@@ -2,7 +2,7 @@
 
 Tests run in the main venv and start twin processes with `twin_env()`: the twin venv's bin first on PATH
 (optimum-habana runs `pip list` to read the SynapseAI version), the test-only `habana_frameworks` stand-in and the
-project on PYTHONPATH, and $DPO_DIST_HPU_TWIN set (dpo_dist/train/backend.py). `twin_skip_reason()` says why a twin test
+project on PYTHONPATH, and $DPO_DIST_HPU_TWIN set (dpo_dist/backend.py). `twin_skip_reason()` says why a twin test
 cannot run here (and is None where it can: in CI, `make test` builds the venv first).
 """
 
