@@ -31,6 +31,7 @@ from dpo_dist.tiny import (  # noqa: E402
     verify_cache,
     write_preference_dataset,
 )
+from dpo_dist.tiny.assets import _is_complete  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +209,7 @@ def test_weights_deterministic_and_rebuild_after_damage(assets):
     assert verify_cache(assets.root)
     weights = load_file(assets.gemma3_dir / "model.safetensors")
     (assets.llama_dir / "model.safetensors").unlink()
-    assert not tiny._is_complete(assets.root, "tiny-v1")
+    assert not _is_complete(assets.root, "tiny-v1")
     again = ensure_tiny_assets(assets.root.parent)
     assert again == assets
     after = read_marker(assets.root)
