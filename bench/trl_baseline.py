@@ -38,7 +38,7 @@ def main() -> None:
 
     from dpo_dist.data.bucketing import fed_tokens
     from dpo_dist.data.preference import split_hh_transcript
-    from dpo_dist.train.dpo import current_rss_bytes
+    from dpo_dist.train.recorder import current_rss_bytes
     from dpo_dist.train.trl_trainer import count_real_tokens
 
     kw = {k: v for k, v in (("max_length", a.max_length), ("max_prompt_length", a.max_prompt_length)) if v}

@@ -1,4 +1,4 @@
-"""A dying rank and a stopped launcher (issue 5 §2), for real through `python -m launch train` on CPU.
+"""A dying rank and a stopped launcher, for real through `python -m launch train` on CPU.
 
 - SIGKILL of rank 1 mid-training: the launcher notices, stops rank 0, exits non-zero within 60 s, names rank 1,
   and leaves no process behind.
@@ -211,7 +211,7 @@ def test_sigkill_of_a_rank_stops_the_run_and_names_it(tmp_path, tiny_assets):
 
 
 def _complete(ckpt: Path) -> bool:
-    from dpo_dist.train.dpo import checkpoint_problems
+    from dpo_dist.util.checkpoint import checkpoint_problems
 
     return ckpt.is_dir() and not checkpoint_problems(ckpt, world_size=2, deepspeed=True)
 

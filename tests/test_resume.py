@@ -1,4 +1,4 @@
-"""Exact resume (issue 5 §3), for real: 2 ranks, DeepSpeed ZeRO-3 on CPU (gloo), fp32.
+"""Exact resume, for real: 2 ranks, DeepSpeed ZeRO-3 on CPU (gloo), fp32.
 
 Run A trains straight: the shared 2-rank ZeRO-3 run of the tiny Llama (conftest.zero3_run, 30 steps). Run B, with
 the same arguments, is cut in two by the test-only hook $DPO_DIST_STOP_AFTER_STEP=15 (which saves checkpoint-15 and
@@ -228,7 +228,7 @@ def _args(output_dir, value="latest"):
 
 def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
     from dpo_dist.args import ArgumentError
-    from dpo_dist.train.dpo import checkpoint_problems, resolve_checkpoint
+    from dpo_dist.util.checkpoint import checkpoint_problems, resolve_checkpoint
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     good = runs.out["full"]["B"] / CKPT

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_dist.args import UserError
+from dpo_dist.data.bucketing import row_lengths
 
 logger = logging.getLogger(__name__)
 
@@ -215,7 +216,6 @@ def pair_token_stats(ds, tokenizer, *, max_length: int, max_prompt_length: int, 
     """(mean, max) tokens per pair, chosen row + rejected row as the trainer truncates them, over at
     most ``sample`` rows (seeded): what a packed micro-batch holds per pair (launch/plan/search.py). The
     pairs ``ds`` has in all: ``len(ds)``."""
-    from dpo_dist.data.bucketing import row_lengths
 
     if len(ds) > sample:
         ds = ds.shuffle(seed=seed).select(range(sample))

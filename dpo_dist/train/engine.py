@@ -30,6 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
+from dpo_dist.data.bucketing import bucket_of, row_lengths
 from dpo_dist.train.losses import LENGTH_NORMALISED, dpo_losses
 
 PACKING_ATTENTION = ("varlen", "block_mask")
@@ -131,7 +132,6 @@ class EngineCollator:
     def __call__(self, examples):
         import torch
 
-        from dpo_dist.data.bucketing import bucket_of, row_lengths
 
         out = collate(examples, self.cfg.pad_token_id)
         if self.buckets:
@@ -215,7 +215,7 @@ def pack_batch(batch: dict, cfg: EngineConfig) -> dict:
     when the batch has it. Tensors only (the row bounds as a tensor), so it travels with the batch."""
     import torch
 
-    from dpo_dist.model.packing import pack_rows  # torch: ranks only
+    from dpo_dist.model.packing import pack_rows  # deferred: torch (ranks only)
 
     pad_to = int(batch["packed_pad_to"]) if "packed_pad_to" in batch else None
     packed = pack_rows([_key_rows(batch, "chosen", cfg), _key_rows(batch, "rejected", cfg)], pad_to=pad_to,
@@ -237,8 +237,8 @@ def _packed_from_batch(batch: dict, cfg: EngineConfig) -> dict:
 def packed_logps(model, packed: dict, *, attention: str = "varlen", chunk_tokens: Optional[int] = None,
                  **forward_kwargs):
     """``sequence_logps`` over one packed row (``packing.pack_rows``): one value per packed sequence."""
-    from dpo_dist.model.logprobs import sequence_logps  # torch: ranks only
-    from dpo_dist.model.packing import packed_model_inputs
+    from dpo_dist.model.logprobs import sequence_logps  # deferred: torch (ranks only)
+    from dpo_dist.model.packing import packed_model_inputs  # deferred: torch (ranks only)
 
     mask, extra = packed_model_inputs(model, packed, attention)
     return sequence_logps(model, packed["input_ids"], mask, packed["loss_mask"], chunk_tokens=chunk_tokens,
@@ -247,8 +247,8 @@ def packed_logps(model, packed: dict, *, attention: str = "varlen", chunk_tokens
 
 def _rows_logps(model, input_ids, attention_mask, loss_mask, cfg: EngineConfig, chunk, kw):
     """``sequence_logps`` over right-padded rows, with the attention mask the backend's models need."""
-    from dpo_dist.model.logprobs import sequence_logps  # torch: ranks only
-    from dpo_dist.model.packing import rows_attention_mask
+    from dpo_dist.model.logprobs import sequence_logps  # deferred: torch (ranks only)
+    from dpo_dist.model.packing import rows_attention_mask  # deferred: torch (ranks only)
 
     mask = rows_attention_mask(model, attention_mask, cfg.packing_attention)
     return sequence_logps(model, input_ids, mask, loss_mask, chunk_tokens=chunk, static=cfg.static_shapes, **kw)
@@ -263,7 +263,7 @@ def forward_logps(model, batch: dict, cfg: EngineConfig) -> dict:
     """
     import torch
 
-    from dpo_dist.model.logprobs import causal_lm_parts  # torch: ranks only
+    from dpo_dist.model.logprobs import causal_lm_parts  # deferred: torch (ranks only)
 
     n = batch["prompt_input_ids"].shape[0]
     chunk = None if cfg.chunked else 1 << 62  # unchunked: one chunk holds every completion position

@@ -13,10 +13,18 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
-from dpo_dist.args import ARG_DATACLASSES
+from dpo_dist.args import ARG_DATACLASSES, ModelArguments
+from dpo_dist.backend import apply_env, get_backend
+from dpo_dist.data.preference import load_preference_splits, with_bos
+from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
+from dpo_dist.train import gaudi_trainer
 from dpo_dist.train.engine import tokenize_pair
+from dpo_dist.train.runtime import exit_now, rank_main
+from dpo_dist.train.trl_trainer import dpo_config_kwargs
+from dpo_dist.util.atomic import write_json_atomic
+from dpo_dist.util.checkpoint import resolve_checkpoint
+from dpo_dist.util.layout import METRICS_FILE
 
 logger = logging.getLogger("dpo_dist.sft")
 
@@ -25,8 +33,8 @@ logger = logging.getLogger("dpo_dist.sft")
 class SFTArguments:
     """Flags the seed's sft.py users pass, beside the shared ones."""
 
-    split: Optional[str] = field(default=None, metadata={"help": "Training split (alias of --dataset_train_split)."})
-    max_seq_length: Optional[int] = field(default=None, metadata={"help": "Max tokens per example (default --max_length)."})
+    split: str | None = field(default=None, metadata={"help": "Training split (alias of --dataset_train_split)."})
+    max_seq_length: int | None = field(default=None, metadata={"help": "Max tokens per example (default --max_length)."})
     remove_unused_columns: bool = field(default=False, metadata={"help": "Passed to the trainer (kept for the seed's users)."})
 
 
@@ -56,19 +64,12 @@ DPO_ONLY = {
 
 def dpo_config_kwargs_common(train_args) -> dict:
     """The TrainingArguments part of the DPO mapping: one mapping of our flags, shared by SFT and DPO."""
-    from dpo_dist.args import ModelArguments
-    from dpo_dist.train.trl_trainer import dpo_config_kwargs
-
     kw = dpo_config_kwargs(ModelArguments(), None, train_args, reference="adapter")
     return {k: v for k, v in kw.items() if k not in DPO_ONLY}
 
 
 def run(model_args, data_args, train_args, sft_args):
-    from transformers import set_seed
-
-    from dpo_dist.backend import apply_env, get_backend
-    from dpo_dist.data.preference import load_preference_splits, with_bos
-    from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
+    from transformers import set_seed  # heavy: transformers loads torch
 
     backend = get_backend(train_args.device)
     apply_env(backend)
@@ -80,8 +81,6 @@ def run(model_args, data_args, train_args, sft_args):
         from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # noqa: PLC0415
         from optimum.habana.trl import GaudiSFTConfig, GaudiSFTTrainer  # noqa: PLC0415
 
-        from dpo_dist.train import gaudi_trainer
-
         adapt_transformers_to_gaudi()  # before any model loads (the twin's args do not call it)
         kw = gaudi_trainer.gaudi_training_args_kwargs(model_args, data_args, train_args, reference="adapter",
                                                        twin=backend.twin)
@@ -90,7 +89,7 @@ def run(model_args, data_args, train_args, sft_args):
         gaudi_config = GaudiConfig(**gaudi_trainer.gaudi_config_kwargs(train_args))
         load_kwargs = gaudi_trainer.model_load_kwargs_gaudi(train_args)
     else:
-        from trl import SFTConfig, SFTTrainer
+        from trl import SFTConfig, SFTTrainer  # heavy: trl loads torch
 
         kw = dpo_config_kwargs_common(train_args)
         args = SFTConfig(**kw, max_length=max_len, completion_only_loss=True, packing=False,
@@ -114,7 +113,7 @@ def run(model_args, data_args, train_args, sft_args):
     peft_config = lora_config(model_args, family) if model_args.use_peft else None
     set_seed(train_args.seed)
     if backend.trainer_api == "gaudi":
-        from transformers import DataCollatorForSeq2Seq
+        from transformers import DataCollatorForSeq2Seq  # heavy: transformers loads torch
 
         # Padded to max_len on a static-shape device: one graph, as GaudiSFTTrainer's own padding gives.
         pad = dict(padding="max_length", max_length=max_len) if backend.static_shapes else {}
@@ -125,14 +124,12 @@ def run(model_args, data_args, train_args, sft_args):
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, peft_config=peft_config)
-    trainer.train(resume_from_checkpoint=_checkpoint(train_args))
+    trainer.train(resume_from_checkpoint=resolve_checkpoint(train_args))
     metrics = trainer.evaluate()
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-        from dpo_dist.train.dpo import write_json_atomic
-
-        write_json_atomic(Path(train_args.output_dir) / "training_metrics.json", {
+        write_json_atomic(Path(train_args.output_dir) / METRICS_FILE, {
             "stage": "sft", "backend": backend.device, "world_size": args.world_size, "steps": trainer.state.global_step,
             "first_train_loss": losses[0] if losses else None, "last_train_loss": losses[-1] if losses else None,
             "train_losses": losses, "eval_loss": metrics.get("eval_loss"), "model": model_args.model_name_or_path,
@@ -156,19 +153,9 @@ def loss_token_fraction(ds):
     return None
 
 
-def _checkpoint(train_args):
-    from dpo_dist.train.dpo import resolve_checkpoint
-
-    return resolve_checkpoint(train_args)
-
-
 def main(argv=None) -> int:
-    from dpo_dist.train.dpo import rank_main
-
     return rank_main("dpo_dist.sft", argv, ARG_DATACLASSES + (SFTArguments,), run)
 
 
 if __name__ == "__main__":
-    from dpo_dist.train.dpo import exit_now
-
     exit_now(main())

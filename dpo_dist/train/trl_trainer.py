@@ -27,9 +27,13 @@ from typing import Any, Optional
 
 from dpo_dist.train import gaudi_trainer
 from dpo_dist.args import ArgumentError
+from dpo_dist.data.bucketing import (
+    BucketBatchSampler, PackedBatchSampler, choose_buckets, fed_tokens, padding_fraction, pair_row_lengths,
+)
 from dpo_dist.train.deepspeed import zero_stage_of
 from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics
 from dpo_dist.train.reference import resolve_reference
+from dpo_dist.train.refcache import attach_reference_cache
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +131,6 @@ class EngineTrainerMixin:
 
     def _dpodist_sampler(self):
         """This rank's batch sampler for --length_buckets: grouped by row bucket, or balanced packed totals."""
-        from dpo_dist.data.bucketing import BucketBatchSampler, PackedBatchSampler, pair_row_lengths
 
         chosen, rejected = pair_row_lengths(self.train_dataset, self.dpodist_engine.max_length)
         kw = dict(num_replicas=self.args.world_size, rank=self.args.process_index, seed=self.args.seed)
@@ -148,7 +151,6 @@ class EngineTrainerMixin:
     def dpodist_choose_buckets(self, k: int) -> tuple[list, float]:
         """(bucket lengths, padding fraction they give) for this run's data: row lengths, or with
         packing the packed totals of every batch the sampler will form (all ranks, all epochs)."""
-        from dpo_dist.data.bucketing import choose_buckets, padding_fraction, pair_row_lengths
 
         if self.dpodist_engine.packing:
             sampler = self._dpodist_sampler()
@@ -169,7 +171,6 @@ class EngineTrainerMixin:
 
     def compute_loss(self, model, inputs, *args, **kwargs):
         if model.training:
-            from dpo_dist.data.bucketing import fed_tokens
 
             self.real_tokens_seen += count_real_tokens(inputs)
             max_length = self.dpodist_engine.max_length if self.dpodist_engine else getattr(self, "max_length", None)
@@ -275,7 +276,7 @@ def build_trainer(setup: TrainingSetup, *, backend, model_args, data_args, train
     cached = setup.reference == "precomputed"
     packing = bool(train_args.packing)
     if packing and backend.packing_attention == "varlen":
-        from dpo_dist.model.packing import packable
+        from dpo_dist.model.packing import packable  # deferred: torch (ranks only)
 
         if not packable(model):
             raise ArgumentError("--packing needs the model loaded with dpo-dist's varlen attention (dpo_dist.dpo does "
@@ -315,7 +316,6 @@ def build_trainer(setup: TrainingSetup, *, backend, model_args, data_args, train
                     trainer.dpodist_buckets, 100 * frac,
                     "packed batch totals padded to their bucket" if packing else "rows padded to their bucket")
     if cached:
-        from dpo_dist.train.refcache import attach_reference_cache
 
         if load_reference is None:
             raise ArgumentError("--reference precomputed: no way to load the reference model (load_reference)")
