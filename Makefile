@@ -38,12 +38,14 @@ NODE_CARDS ?= 8
 DRY := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,)
 LAUNCH := $(PY) -m launch
 
-.PHONY: help setup setup-gaudi-twin test demo clean plan train-1x train-8x train-multinode sanity bench build run \
+.PHONY: help setup setup-gaudi-twin test check lint demo clean plan train-1x train-8x train-multinode sanity bench build run \
 	require-model gaudi-selfcheck
 
 help:
 	@echo "make demo                                  full pipeline on the built-in tiny model (2 CPU ranks, ZeRO-3)"
-	@echo "make test                                  the test suite"
+	@echo "make test                                  the test suite (unit tests and multi-process runs, CI)"
+	@echo "make check                                 unit tests only (no multi-process runs): the fast loop"
+	@echo "make lint                                  ruff (pyproject.toml), zero findings"
 	@echo "make sanity MODEL=m [OUT_DIR=d]            1 card: SFT, DPO, merge, compare, generation test"
 	@echo "make plan MODEL=m [HARDWARE=gaudi2 CARDS=8]   print the plan (memory per card, ZeRO stage, ...)"
 	@echo "make train-1x|train-8x MODEL=m [DRY_RUN=1]    one node, 1 or 8 cards"
@@ -92,6 +94,14 @@ $(TWIN_STAMP): requirements-gaudi.txt pyproject.toml
 
 test: $(STAMP) $(if $(IN_GAUDI_IMAGE),,$(TWIN_STAMP))
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fast loop: unit tests only (no multi-process runs, no twin venv): tests/ without tests/e2e/.
+check: $(STAMP)
+	$(PY) -m pytest -q --ignore=tests/e2e $(PYTEST_ARGS)
+
+# ruff, configured in pyproject.toml: zero findings.
+lint: $(STAMP)
+	$(PY) -m ruff check dpo_dist launch tests bench
 
 demo: $(STAMP)
 	$(PY) -m dpo_dist.pipeline --demo --out_dir $(DEMO_DIR)

@@ -1,4 +1,4 @@
-"""Bad input (issue 5 §1): each case exits non-zero with a message that names the input and the fix, writes no
+"""Bad input: each case exits non-zero with a message that names the input and the fix, writes no
 half-finished output and deletes nothing that was there before.
 
 Cases already covered elsewhere are not repeated here: a missing model argument, an unknown loss type, beta,

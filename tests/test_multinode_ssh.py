@@ -1,4 +1,4 @@
-"""The real multi-node launch path (issue 5 §6): DeepSpeed's default pdsh/ssh runner, not `--no_ssh`.
+"""The real multi-node launch path: DeepSpeed's default pdsh/ssh runner, not `--no_ssh`.
 
 A throwaway sshd listens on 127.0.0.1:$DPO_SSHD_PORT (default 2222; `.ci/sshd_setup.sh` installs openssh-server
 and pdsh and starts it, `.ci/run` calls it). The hostfile's two entries, `localhost` and `127.0.0.1`, are both this
@@ -113,7 +113,7 @@ def test_two_nodes_over_pdsh_and_ssh_on_loopback(tmp_path, tiny_assets):
     run = tmp_path / "run"
     argv = launch_argv(tiny_assets.llama_dir, tiny_assets.data_dir, hostfile, run, "--ssh", "--ssh_port", str(PORT),
                        "--env", FORWARD)
-    token = "hf_PLANTED_" + secrets.token_hex(16)  # issue 5 §4 on this path too: never sent to the nodes or written
+    token = "hf_PLANTED_" + secrets.token_hex(16)  # the secrets rule on this path too: never sent to the nodes or written
     t0 = time.monotonic()
     try:
         res = run_cmd(argv, timeout=480, env=cpu_env(HF_TOKEN=token, HUGGING_FACE_HUB_TOKEN=token))

@@ -1,4 +1,4 @@
-"""Secrets (issue 5 §4): with a planted HF_TOKEN in the environment, plan, train (dry-run and real), merge and
+"""Secrets: with a planted HF_TOKEN in the environment, plan, train (dry-run and real), merge and
 compare, then look for the planted value in every byte they printed and every file they wrote.
 
 One module fixture runs the whole chain once (2 CPU ranks, 3 steps, tiny Llama); every command has a hard timeout.
