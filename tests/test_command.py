@@ -1,5 +1,5 @@
-"""launch/command/builder.py and launch/command/quoting.py: golden launch commands, .deepspeed_env, command.sh,
-injection and secrets (issue 3 §5, issue 5 §4-§5).
+"""launch/command/ (builder.py and its launcher builders) and quoting.py: golden launch commands, .deepspeed_env,
+command.sh, injection and secrets.
 
 Fast and pure apart from a few `bash` runs of rendered scripts whose launcher is replaced by a
 harmless stand-in program (a `python -c` that records its argv), in a temporary directory.
@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from dpo_dist.util.logs import is_secret_name
 from launch.command.builder import (
     CommandError,
     LaunchCommand,
@@ -29,8 +30,10 @@ from launch.command.builder import (
     render_command_sh,
     render_deepspeed_env,
 )
-from launch.command.hostfile import HostEntry, parse_hostfile
+from launch.command.hostfile import HostEntry, is_loopback, parse_hostfile
 from launch.command.quoting import PDSH_SAFE_CHARS, QuotingError, check_reshell_safe, quote
+from launch.doctor import is_loopback as doctor_is_loopback
+from launch.gaudi_spawn import parse_args
 
 REPO = Path(__file__).resolve().parents[1]
 GAUDI_2X8 = REPO / "hostfiles" / "gaudi_2x8.txt"
@@ -99,8 +102,6 @@ def test_hpu_single_node_without_gaudi_spawn_uses_the_same_launcher_from_the_whe
 
 def test_hpu_ddp_plan_starts_ranks_with_mpi_like_the_upstream_dpo_baseline():
     """A plan without DeepSpeed (ZeRO-0 on Gaudi) goes through gaudi_spawn --use_mpi; one card is a plain process."""
-    from launch.gaudi_spawn import parse_args
-
     cmd = build_launch_command("gaudi2", 8, None, ARGS, master_port=29611, environ={"GAUDI_SPAWN": SPAWN},
                                deepspeed=False)
     assert cmd.argv == ["python", SPAWN, "--world_size", "8", "--use_mpi", "--master_port", "29611",
@@ -121,8 +122,6 @@ def test_plan_environment_goes_to_every_rank_and_the_users_value_wins():
 
 
 def test_launch_gaudi_spawn_parses_like_upstream_gaudi_spawn():
-    from launch.gaudi_spawn import parse_args
-
     a = parse_args(["--world_size", "8", "--use_deepspeed", "--master_port", "29501", "dpo_dist/dpo.py", *ARGS])
     assert (a.world_size, a.use_deepspeed, a.master_port, a.training_script) == (8, True, 29501, "dpo_dist/dpo.py")
     assert a.training_script_args == ARGS
@@ -387,7 +386,7 @@ def test_render_refuses_bad_or_secret_env_names():
         render_deepspeed_env({"WANDB_API_KEY": "x"})
 
 
-# ------------------------------------------------------------------ injection (issue 5 §5)
+# ------------------------------------------------------------------ injection
 
 RECORDER = (  # one line: command.sh refuses newlines in words
     "import json, os, sys; "
@@ -608,8 +607,6 @@ def test_single_remote_host_forces_multi_node_mode():
 
 
 def test_secret_names_are_whole_words_so_tokenizers_parallelism_is_not_one():
-    from dpo_dist.util.logs import is_secret_name
-
     for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY", "AWS_SECRET_ACCESS_KEY", "DB_PASSWORD"):
         assert is_secret_name(name), name
     for name in ("TOKENIZERS_PARALLELISM", "PT_HPU_LAZY_MODE", "HCCL_SOCKET_IFNAME", "OMP_NUM_THREADS"):
@@ -617,3 +614,17 @@ def test_secret_names_are_whole_words_so_tokenizers_parallelism_is_not_one():
     cmd = build_launch_command("gaudi2", 8, gaudi_hosts(), ARGS, hostfile_path=str(GAUDI_2X8), workdir="/w",
                                extra_env_names=["TOKENIZERS_PARALLELISM"], environ={"TOKENIZERS_PARALLELISM": "false"})
     assert cmd.deepspeed_env["TOKENIZERS_PARALLELISM"] == "false"
+
+
+@pytest.mark.parametrize("host, loopback", [
+    ("localhost", True), ("LOCALHOST", True), ("ip6-loopback", True), ("127.0.0.2", True), ("::1", True),
+    ("::1%lo", True), ("127.example", False), ("10.0.0.1", False), ("gaudi-node-0", False),
+])
+def test_one_loopback_rule_for_the_builder_and_the_doctor(host, loopback):
+    assert is_loopback(host) is loopback
+    assert doctor_is_loopback is is_loopback
+    if "%" not in host:  # a zone id is a resolved address, never a hostfile entry
+        # pdsh to one remote host needs --force_multi; one loopback host is started here
+        cmd = build_launch_command("cpu", 1, [HostEntry(host, 1, 1)], [], hostfile_path="h", no_ssh=False, environ={},
+                                   workdir="/w")
+        assert ("--force_multi" in cmd.argv) is not loopback

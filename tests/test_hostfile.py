@@ -1,4 +1,4 @@
-"""launch/command/hostfile.py: the `host slots=N` parser and validator (issue 3 §6, issue 5 §1/§5).
+"""launch/command/hostfile.py: the `host slots=N` parser and validator.
 
 Pure and fast: no processes, no network. DeepSpeed is imported only to check that the format we
 accept is a subset of what its own `fetch_hostfile` parses, with the same result.
@@ -197,7 +197,7 @@ def test_not_utf8(tmp_path):
 
 
 def test_hostile_hostnames_refused_before_anything_runs(tmp_path, monkeypatch):
-    """Issue 5 §5: hostile host names are refused by the validator (nothing is executed)."""
+    """Hostile host names are refused by the validator (nothing is executed)."""
     monkeypatch.chdir(tmp_path)
     for host in ["a;touch X", "$(touch X)", "`touch X`", "a b", "a&&touch X", "a|touch X", "x'$(touch X)'"]:
         with pytest.raises(HostfileError):

@@ -40,10 +40,9 @@ import re
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import List, Optional, Union
 
 __all__ = ["HostEntry", "HostfileError", "parse_hostfile", "parse_hostfile_text", "validate_hostfile_cli", "host_problem",
-           "main"]
+           "is_loopback", "LOOPBACK_NAMES", "main"]
 
 FORMAT_HELP = "one node per line as `host slots=N`, e.g. `worker-0 slots=8` (comments start with #)"
 
@@ -58,8 +57,8 @@ class HostfileError(ValueError):
     """A hostfile problem. `str(err)` names the file, line and column, quotes the offending
     text, and says what was expected and how to fix it. Attributes: path, line, column, text."""
 
-    def __init__(self, message: str, *, path: str, line: Optional[int] = None, column: Optional[int] = None,
-                 text: Optional[str] = None):
+    def __init__(self, message: str, *, path: str, line: int | None = None, column: int | None = None,
+                 text: str | None = None):
         super().__init__(message)
         self.path = path
         self.line = line
@@ -93,10 +92,10 @@ def _error(path: str, lineno: int, col: int, raw: str, problem: str, expected: s
     return HostfileError(message, path=path, line=lineno, column=col, text=raw)
 
 
-def host_problem(host: str) -> Optional[tuple]:
+def host_problem(host: str) -> tuple[int, str, str] | None:
     """None if `host` is a valid hostname / IPv4 / IPv6; else `(offset, problem, fix)` with the
-    0-based offset of the offending character. Used by launch/command/builder.py for every host name and
-    master address it puts on a command line."""
+    0-based offset of the offending character. The command builders (launch/command/common.py) check every
+    host name and master address they put on a command line with it."""
     for i, ch in enumerate(host):
         if ch not in _HOST_CHARS:
             kind = "shell metacharacter" if ch in _SHELL_META else "character"
@@ -137,12 +136,30 @@ def host_problem(host: str) -> Optional[tuple]:
     return None
 
 
-def parse_hostfile_text(text: str, expected_slots: Optional[int] = None, *, name: str = "<hostfile>") -> List[HostEntry]:
+# Names that resolve to this machine's loopback interface everywhere (Debian and Ubuntu add the ip6- ones to
+# /etc/hosts). Any other name may resolve anywhere, so it is not loopback without a DNS lookup.
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+
+def is_loopback(host: str) -> bool:
+    """True when `host` is this machine's loopback: one of `LOOPBACK_NAMES` (any case), an address in
+    127.0.0.0/8 or ::1, also with an IPv6 zone id (`::1%lo`). No DNS lookup: for a resolved name, ask about
+    each of its addresses. The launcher counts ranks per machine with it (every loopback host is this
+    machine) and the doctor uses it to tell a loopback hostfile from a real cluster."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_hostfile_text(text: str, expected_slots: int | None = None, *, name: str = "<hostfile>") -> list[HostEntry]:
     """Parse hostfile text. `name` is what error messages call the file."""
     if expected_slots is not None and (not isinstance(expected_slots, int) or isinstance(expected_slots, bool)
                                        or expected_slots < 1):
         raise ValueError(f"expected_slots must be a positive int or None, got {expected_slots!r}")
-    entries: List[HostEntry] = []
+    entries: list[HostEntry] = []
     seen = {}  # lower-cased host -> line number
     # Split on "\n" only (so line numbers match editors); tolerate CRLF files.
     for lineno, raw in enumerate(text.split("\n"), start=1):
@@ -215,7 +232,7 @@ def parse_hostfile_text(text: str, expected_slots: Optional[int] = None, *, name
     return entries
 
 
-def _read(path: Union[str, os.PathLike]) -> str:
+def _read(path: str | os.PathLike) -> str:
     shown = os.fspath(path)
     try:
         data = Path(path).read_bytes()
@@ -242,7 +259,7 @@ def _read(path: Union[str, os.PathLike]) -> str:
             "  fix: save it as plain UTF-8/ASCII text", path=shown, line=lineno, column=col) from None
 
 
-def parse_hostfile(path_or_text: Union[str, os.PathLike], expected_slots: Optional[int] = None) -> List[HostEntry]:
+def parse_hostfile(path_or_text: str | os.PathLike, expected_slots: int | None = None) -> list[HostEntry]:
     """Parse a hostfile into `HostEntry(host, slots, line)` in file order (first = master).
 
     `path_or_text`: a `pathlib.Path` (or other PathLike) is read as a file; a `str` containing a
@@ -255,7 +272,7 @@ def parse_hostfile(path_or_text: Union[str, os.PathLike], expected_slots: Option
     return parse_hostfile_text(_read(path_or_text), expected_slots, name=os.fspath(path_or_text))
 
 
-def validate_hostfile_cli(path: Union[str, os.PathLike], cards: Optional[int] = None) -> dict:
+def validate_hostfile_cli(path: str | os.PathLike, cards: int | None = None) -> dict:
     """Validate a hostfile for `cards` cards per node; return a JSON-able summary:
     `{"hostfile", "hosts", "slots", "nodes", "slots_per_node", "world_size", "master_addr"}`.
     `slots_per_node` is None when nodes differ (only possible when `cards` is None)."""
@@ -273,7 +290,7 @@ def validate_hostfile_cli(path: Union[str, os.PathLike], cards: Optional[int] = 
     }
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m launch.command.hostfile", description="Validate a `host slots=N` hostfile.")
     p.add_argument("hostfile")
     p.add_argument("--cards", type=int, default=None, help="cards per node every line must have")

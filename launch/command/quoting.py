@@ -34,7 +34,12 @@ from __future__ import annotations
 import re
 import shlex
 import unicodedata
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+
+# A variable whose name is_secret_name calls a secret (it contains one of SECRET_NAME_MARKERS) is never
+# written to `.deepspeed_env`, `command.sh` or any other file the launcher produces. Re-exported: the
+# definition lives in dpo_dist.util.logs (stdlib-only), which also redacts those values from log lines.
+from dpo_dist.util.logs import SECRET_NAME_MARKERS, is_secret_name
 
 __all__ = [
     "QuotingError",
@@ -73,10 +78,6 @@ _DS_ENV_UNSAFE = frozenset('$`"\\!%')
 
 _ENV_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 
-# An environment variable whose name contains one of these is treated as a secret: never
-# written to `.deepspeed_env`, `command.sh` or any other file the launcher produces.
-from dpo_dist.util.logs import SECRET_NAME_MARKERS, is_secret_name  # noqa: E402 (one definition, stdlib-only)
-
 
 def describe_char(ch: str) -> str:
     """`';' (U+003B SEMICOLON)`: unambiguous even for invisible characters."""
@@ -89,7 +90,7 @@ def describe_char(ch: str) -> str:
     return f"{shown} (U+{ord(ch):04X} {name})"
 
 
-def find_control_char(value: str) -> Optional[int]:
+def find_control_char(value: str) -> int | None:
     """Index of the first control character in `value`, or None."""
     m = _CONTROL_RE.search(value)
     return None if m is None else m.start()
