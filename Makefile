@@ -2,8 +2,9 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-# torch goes in first and alone, so that no later requirement pulls a different (CUDA) build.
-TORCH_SPEC ?= torch==2.13.0
+# torch goes in first and alone, so that no later requirement pulls a different (CUDA) build: requirements.txt's
+# torch line (override TORCH_SPEC for another build of the same version).
+TORCH_SPEC ?= $(shell sed -n 's/^\(torch==[^ #]*\).*/\1/p' requirements.txt)
 # Inside the Habana image (it ships habana_frameworks and the Gaudi pins, see Dockerfile) make uses the image's
 # python and installs nothing: a .venv would hide habana_frameworks, and pip must never replace the image's torch.
 IN_GAUDI_IMAGE := $(shell $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('habana_frameworks') is None)" 2>/dev/null && echo 1)
@@ -58,13 +59,13 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt requirements-gaudi.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements.txt
 	@# optimum-habana's sources, for the HPU adapter's signature test (it cannot import without Habana).
-	$(PY) -m pip install -q --no-deps optimum-habana==1.21.2
+	$(PY) -m pip install -q --no-deps "$$(grep -m1 '^optimum-habana==' requirements-gaudi.txt)"
 	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
 	@# Build DeepSpeed's CPU comm op once, now, in one process: ranks that JIT-build it concurrently and get
 	@# killed (timeouts, the dying-rank tests) can leave a stale build lock that blocks every later CPU run.

@@ -7,13 +7,13 @@ What it checks:
 
 1. **Versions** of the installed packages against the pins of the environment the hardware
    needs, read with `importlib.metadata` only (nothing heavy is imported):
-   - CPU / CUDA (`make setup`, requirements.txt): torch 2.13.0, transformers 4.55.4,
-     accelerate 1.10.1, trl 0.22.2, peft 0.17.1, datasets 3.6.0, deepspeed 0.19.8;
-   - Gaudi (the Dockerfile, requirements-gaudi.txt): optimum-habana 1.21.2, trl 0.9.6,
-     peft 0.17.0, transformers 4.55.x, accelerate 1.10.1, optimum 2.0.x, DeepSpeed from
-     HabanaAI's fork (`+hpu.synapse.v…`), torch as shipped by the Habana image, and the
-     SynapseAI bridge (`habana-torch-plugin`) at 1.24, the release optimum-habana 1.21.2 is
-     validated with (`CURRENTLY_VALIDATED_SYNAPSE_VERSION`).
+   - CPU / CUDA (`make setup`): the exact pins of requirements.txt for `launch.pins.CPU_CHECKED`
+     (torch, transformers, accelerate, trl, peft, datasets, deepspeed);
+   - Gaudi (the Dockerfile): the exact pins of requirements-gaudi.txt for `launch.pins.GAUDI_CHECKED`
+     (optimum-habana, transformers, accelerate, trl, peft), DeepSpeed from HabanaAI's fork
+     (`+hpu.synapse.v…`), torch as shipped by the Habana image, and the SynapseAI bridge
+     (`habana-torch-plugin`) at the release optimum-habana 1.21.2 is validated with
+     (its `CURRENTLY_VALIDATED_SYNAPSE_VERSION`, `VALIDATED_SYNAPSE` below).
    A missing package or a different minor version fails (the trainer APIs differ); a different
    patch release is a warning.
 2. **The accelerator.** HPU: `PT_HPU_LAZY_MODE` must be `1` (SynapseAI >= 1.21 defaults to 0,
@@ -37,7 +37,6 @@ from __future__ import annotations
 import concurrent.futures
 import importlib.metadata
 import importlib.util
-import ipaddress
 import os
 import platform
 import shutil
@@ -49,30 +48,11 @@ from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence, TextIO
 
 from dpo_dist.backend import TWIN_ENV, twin_requested
+from launch.pins import checked_pins
+from launch.command.hostfile import is_loopback
 
-__all__ = ["Check", "CPU_PINS", "GAUDI_PINS", "collect_checks", "render_checks", "run_doctor", "version_status"]
+__all__ = ["Check", "collect_checks", "render_checks", "run_doctor", "version_status"]
 
-# "X.Y.*" means any patch release of X.Y.
-CPU_PINS = {
-    "torch": "2.13.0",
-    "transformers": "4.55.4",
-    "accelerate": "1.10.1",
-    "trl": "0.22.2",
-    "peft": "0.17.1",
-    "datasets": "3.6.0",
-    "deepspeed": "0.19.8",
-}
-# optimum-habana 1.21.2 requires transformers>=4.55,<4.56, accelerate<=1.10.1, optimum>=2.0,<2.1;
-# its DPO example pins trl==0.9.6 and peft==0.17.0. torch and deepspeed come from the Habana image and
-# HabanaAI/DeepSpeed, and are checked separately.
-GAUDI_PINS = {
-    "optimum-habana": "1.21.2",
-    "transformers": "4.55.*",
-    "accelerate": "1.10.1",
-    "trl": "0.9.6",
-    "peft": "0.17.0",
-    "optimum": "2.0.*",
-}
 # The SynapseAI release optimum-habana 1.21.2 is validated with (its CURRENTLY_VALIDATED_SYNAPSE_VERSION).
 VALIDATED_SYNAPSE = "1.24.*"
 HARDWARE_CHOICES = ("gaudi2", "gaudi3", "hpu", "cuda", "cpu")
@@ -85,7 +65,7 @@ OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 _TAGS = {OK: "[ OK ]", INFO: "[INFO]", WARN: "[WARN]", FAIL: "[FAIL]"}
 
 _CPU_FIX = ("reinstall the pinned CPU/CUDA environment: `rm -f .venv/.installed && make setup` "
-            "(torch==2.13.0 first and alone, then `pip install -r requirements.txt`)")
+            "(torch first and alone, then `pip install -r requirements.txt`)")
 _GAUDI_FIX = ("use the Gaudi image (`make build`, see the Dockerfile), or inside a Habana PyTorch image "
               "`pip install -r requirements-gaudi.txt`")
 
@@ -153,7 +133,7 @@ def _installed(dist: str) -> Optional[str]:
 def _version_checks(kind: str, version_of: Callable[[str], Optional[str]], twin: bool = False) -> List[Check]:
     sec = "versions"
     gaudi = kind == "hpu"
-    pins = GAUDI_PINS if gaudi else CPU_PINS
+    pins = checked_pins(gaudi)
     env_name = "Gaudi (Dockerfile, requirements-gaudi.txt)" if gaudi else "CPU/CUDA (requirements.txt, make setup)"
     fix = _GAUDI_FIX if gaudi else _CPU_FIX
     checks = [Check(sec, "python", INFO, f"Python {platform.python_version()} ({sys.executable}); "
@@ -360,16 +340,6 @@ def _detect_kind() -> tuple:
 # hostfile
 
 
-_LOOPBACK_NAMES = {"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"}
-
-
-def _is_loopback_addr(addr: str) -> bool:
-    try:
-        return ipaddress.ip_address(addr.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False
-
-
 def _probe_host(host: str, port: int, timeout: float) -> dict:
     """Resolve `host` and try a TCP connection to `port`. No shell, no ssh: just sockets."""
     result = {"host": host, "addrs": [], "resolved": False, "reachable": False, "error": None, "banner": ""}
@@ -447,7 +417,7 @@ def _hostfile_checks(path: str, cards: Optional[int], kind: str, ssh_port: int, 
         results = list(pool.map(lambda h: probe(h.host, ssh_port, timeout), hosts))
     for entry, r in zip(hosts, results):
         label = f"line {entry.line}: {entry.host}"
-        loopback = entry.host.lower() in _LOOPBACK_NAMES or (r["addrs"] and all(_is_loopback_addr(a) for a in r["addrs"]))
+        loopback = is_loopback(entry.host) or (r["addrs"] and all(is_loopback(a) for a in r["addrs"]))
         if not r["resolved"]:
             checks.append(Check(sec, label, FAIL, r["error"],
                                 "fix the name, add it to /etc/hosts or DNS, or use the node's IP address"))

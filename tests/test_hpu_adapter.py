@@ -23,8 +23,9 @@ from dpo_dist import args as A
 from dpo_dist.train import gaudi_trainer as G
 from dpo_dist.train.deepspeed import zero_stage_of
 from dpo_dist.train.reference import resolve_reference
+from launch.pins import GAUDI_REQUIREMENTS, exact_pins
 
-OH_VERSION = "1.21.2"
+OH_VERSION = exact_pins(GAUDI_REQUIREMENTS)["optimum-habana"]
 DPO_TRAINER_REL = Path("trl/trainer/dpo_trainer.py")
 
 

@@ -378,9 +378,9 @@ def test_make_plan_without_model_fails_before_any_install(tmp_path):
 def test_doctor_cpu_passes_in_this_venv_and_lists_versions():
     r = launch("doctor", "--hardware", "cpu")
     assert r.returncode == 0, r.stdout
-    from launch.doctor import CPU_PINS
+    from launch.pins import checked_pins
 
-    for dist, version in CPU_PINS.items():
+    for dist, version in checked_pins(gaudi=False).items():
         assert f"[ OK ] {dist}: {version}" in r.stdout
     assert "HF_TOKEN: set" in r.stdout
     assert "all required checks passed" in r.stdout
@@ -472,7 +472,10 @@ def test_doctor_more_cards_than_visible_names_the_visible_count():
 
 
 def test_doctor_version_rules():
-    from launch.doctor import GAUDI_PINS, collect_checks, version_status
+    from launch.doctor import collect_checks, version_status
+    from launch.pins import checked_pins
+
+    GAUDI_PINS = checked_pins(gaudi=True)
 
     assert version_status("2.13.0+cpu", "2.13.0") == "ok"
     assert version_status("0.17.1", "0.17.0") == "warn"

@@ -13,40 +13,10 @@ import pytest
 
 from conftest import ROOT
 
-# DESIGN.md §6 (CPU / CUDA: CI, make demo, make test).
-CPU_PINS = {
-    "transformers": "4.55.4",
-    "accelerate": "1.10.1",
-    "trl": "0.22.2",
-    "peft": "0.17.1",
-    "datasets": "3.6.0",
-    "deepspeed": "0.19.8",
-}
-TORCH_PIN = "2.13.0"
-# DESIGN.md §3 / §6 (Gaudi image): optimum-habana 1.21.2 with its DPO example's trl and peft.
-GAUDI_EXACT = {"optimum-habana": "1.21.2", "trl": "0.9.6", "peft": "0.17.0", "accelerate": "1.10.1"}
+from launch.pins import CPU_CHECKED, CPU_REQUIREMENTS, GAUDI_CHECKED, GAUDI_REQUIREMENTS, exact_pins, read_requirements
+
 HABANA_IMAGE_RE = re.compile(
     r"^vault\.habana\.ai/gaudi-docker/(?P<synapse>\d+\.\d+\.\d+)/[^/\s]+/habanalabs/pytorch-installer-[\d.]+:\S+$")
-DESIGN = ROOT.parent / "shared" / "DESIGN.md"
-
-
-def _norm(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
-
-
-def requirements(path: Path) -> dict:
-    """{normalized name: specifier string} from a requirements file (comments and options skipped)."""
-    out = {}
-    for raw in path.read_text().splitlines():
-        line = raw.split("#", 1)[0].strip()
-        if not line or line.startswith("-"):
-            continue
-        m = re.match(r"([A-Za-z0-9][A-Za-z0-9._-]*)(\[[^\]]*\])?\s*(.*)$", line)
-        assert m, f"{path.name}: cannot parse {raw!r}"
-        name = _norm(m.group(1))
-        assert name not in out, f"{path.name}: {name} listed twice"
-        out[name] = m.group(3).replace(" ", "")
-    return out
 
 
 def dockerfile_instructions() -> list[tuple[str, str]]:
@@ -80,17 +50,18 @@ def release(version: str) -> str:
 # requirements.txt (CPU / CUDA)
 
 
-def test_requirements_txt_pins_match_design():
-    reqs = requirements(ROOT / "requirements.txt")
-    for name, version in CPU_PINS.items():
-        assert reqs.get(name) == f"=={version}", f"requirements.txt: {name} must be =={version}, got {reqs.get(name)!r}"
-    assert "torch" not in reqs, "torch is installed first and alone by `make setup` (TORCH_SPEC), not from requirements.txt"
+def test_requirements_txt_pins_every_checked_package_exactly_torch_first():
+    pins = exact_pins(CPU_REQUIREMENTS)
+    missing = [n for n in CPU_CHECKED if n not in pins]
+    assert not missing, f"requirements.txt must pin these exactly (==): {missing}"
+    first = next(ln for ln in CPU_REQUIREMENTS.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
+    assert first.startswith("torch=="), f"torch must be requirements.txt's first requirement (make setup installs it alone first): {first!r}"
 
 
 def test_installed_versions_equal_the_pins():
-    reqs = requirements(ROOT / "requirements.txt")
+    reqs = read_requirements(CPU_REQUIREMENTS)
     pinned = {n: s[2:] for n, s in reqs.items() if s.startswith("==")}
-    assert set(CPU_PINS) <= set(pinned)
+    assert set(CPU_CHECKED) <= set(pinned)
     wrong = {}
     for name, version in pinned.items():
         try:
@@ -99,9 +70,6 @@ def test_installed_versions_equal_the_pins():
             have = None
         if have is None or release(have) != version:
             wrong[name] = (have, version)
-    have_torch = importlib.metadata.version("torch")
-    if release(have_torch) != TORCH_PIN:
-        wrong["torch"] = (have_torch, TORCH_PIN)
     assert not wrong, f"installed != pinned (run `rm -f .venv/.installed && make setup`): {wrong}"
 
 
@@ -110,8 +78,11 @@ def test_installed_versions_equal_the_pins():
 def test_makefile_installs_torch_first_and_alone(target, requirements_file):
     """Both venvs (.venv and the Gaudi twin's) get torch first and alone, so no requirement can pull another build."""
     text = (ROOT / "Makefile").read_text()
-    m = re.search(r"^TORCH_SPEC\s*\?=\s*(\S+)\s*$", text, re.M)
-    assert m and m.group(1) == f"torch=={TORCH_PIN}"
+    m = re.search(r"^TORCH_SPEC\s*\?=\s*(.+)$", text, re.M)
+    assert m and "requirements.txt" in m.group(1), "TORCH_SPEC must come from requirements.txt's torch line"
+    spec = subprocess.run(["make", "-s", "-f", "Makefile", "-f", "-", "show-torch"], cwd=ROOT, text=True,
+                          input="show-torch:\n\t@echo $(TORCH_SPEC)\n", capture_output=True).stdout.strip()
+    assert spec == f"torch=={exact_pins(CPU_REQUIREMENTS)['torch']}", spec
     m = re.search(rf"^{re.escape(target)}:.*\n((?:\t.*\n)+)", text, re.M)
     assert m, f"no {target} install rule in the Makefile"
     installs = [ln.strip() for ln in m.group(1).splitlines() if "pip install" in ln and "--upgrade pip" not in ln]
@@ -138,9 +109,9 @@ def test_make_targets_need_model_before_installing():
 def test_requirements_gaudi_pins():
     from packaging.specifiers import SpecifierSet
 
-    reqs = requirements(ROOT / "requirements-gaudi.txt")
-    for name, version in GAUDI_EXACT.items():
-        assert reqs.get(name) == f"=={version}", f"requirements-gaudi.txt: {name} must be =={version}, got {reqs.get(name)!r}"
+    reqs = read_requirements(GAUDI_REQUIREMENTS)
+    missing = [n for n in GAUDI_CHECKED if n not in exact_pins(GAUDI_REQUIREMENTS)]
+    assert not missing, f"requirements-gaudi.txt must pin these exactly (==): {missing}"
     tf = SpecifierSet(reqs["transformers"])
     assert not tf.contains("4.54.9") and not tf.contains("4.56.0") and (tf.contains("4.55.4") or tf.contains("4.55.0")), \
         f"transformers must be a 4.55.x pin (optimum-habana 1.21.2 requires >=4.55,<4.56), got {reqs['transformers']!r}"
@@ -203,34 +174,18 @@ def test_dockerfile_bakes_in_no_token():
 
 
 # --------------------------------------------------------------------------------------------
-# doctor, DESIGN, README, CI
+# doctor, README, CI
 
 
-def test_doctor_pins_agree_with_the_requirements_files():
-    from launch.doctor import CPU_PINS as DOCTOR_CPU, GAUDI_PINS as DOCTOR_GAUDI
+def test_doctor_checks_the_requirements_files_pins():
+    from launch.doctor import collect_checks
 
-    reqs = requirements(ROOT / "requirements.txt")
-    assert DOCTOR_CPU["torch"] == TORCH_PIN
-    for name, version in DOCTOR_CPU.items():
-        if name != "torch":
-            assert reqs[name] == f"=={version}", name
-    gaudi = requirements(ROOT / "requirements-gaudi.txt")
-    for name, version in DOCTOR_GAUDI.items():
-        if name in gaudi and not version.endswith(".*"):
-            assert gaudi[name] == f"=={version}", name
-    assert DOCTOR_GAUDI["transformers"] == "4.55.*" and DOCTOR_GAUDI["optimum-habana"] == "1.21.2"
-
-
-@pytest.mark.skipif(not DESIGN.is_file(), reason="DESIGN.md is kept outside the repository")
-def test_pins_match_design_section_6():
-    text = DESIGN.read_text()
-    section = text.split("## 6.", 1)[1].split("\n## ", 1)[0]
-    cpu_line = next(ln for ln in section.splitlines() if ln.startswith("- **CPU / CUDA"))
-    gaudi_line = next(ln for ln in section.splitlines() if ln.startswith("- **Gaudi"))
-    design_cpu = dict(re.findall(r"`([a-z][a-z0-9-]*)==([\d.]+)`", cpu_line))
-    design_gaudi = dict(re.findall(r"`([a-z][a-z0-9-]*)==([\d.]+)`", gaudi_line))
-    assert design_cpu == dict(CPU_PINS, torch=TORCH_PIN)
-    assert {k: v for k, v in GAUDI_EXACT.items() if k in design_gaudi} == design_gaudi
+    for hardware, gaudi in (("cpu", False), ("gaudi2", True)):
+        pins = exact_pins(GAUDI_REQUIREMENTS if gaudi else CPU_REQUIREMENTS)
+        checks = collect_checks(hardware=hardware, environ={}, version_of=pins.get, run_tool=lambda argv: None)
+        by = {c.name: c for c in checks if c.section == "versions"}
+        for name in GAUDI_CHECKED if gaudi else CPU_CHECKED:
+            assert by[name].status == "ok" and pins[name] in by[name].detail, (hardware, name, by[name])
 
 
 def test_readme_first_commands_are_make_demo_then_make_test():
