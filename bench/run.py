@@ -17,7 +17,7 @@ under DeepSpeed ZeRO-3, max_length 512 / max_prompt_length 256 (given to both; T
 Per run: pairs/s = N / time; real tokens/s (prompt counted in both rows, no padding);
 padding fraction = 1 − real / fed tokens; peak RSS per rank (max over ranks; also minus the RSS
 the rank had before loading any model); MFU = model FLOPs / time / peak, where model FLOPs =
-``launch.plan.search.dpo_step_flops`` on the real tokens (policy forward + backward on chosen and
+``launch.plan.speed.dpo_step_flops`` on the real tokens (policy forward + backward on chosen and
 rejected, plus one reference forward, on both sides; attention term at the mean row length)
 and peak = 2 ranks × the fp32 GEMM FLOP/s of ONE thread, measured with a torch matmul in this
 run (shapes like the model's MLP). Medians over ``--runs`` alternating pairs (A B, B A, ...).
@@ -40,13 +40,14 @@ import time
 from pathlib import Path
 
 from dpo_dist.backend import cleanup_shm_buffers
+from launch.plan import dpo_step_flops, load_spec
 from tests.support.testing_utils import cpu_env, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 PLANNER_NOTE = ("measured = median over runs of the max over ranks of peak RSS (ru_maxrss); predicted = the plan's "
                 "memory total per rank: the formulas (model states, activations of the largest packed micro-batch, "
                 "logits chunk, buffers) + 30% + a runtime reserve of 0.53 GiB + 28 bytes per parameter "
-                "(launch/plan/search.py, CPU calibration).")
+                "(launch/plan/hardware.py, CPU calibration).")
 PY = sys.executable
 
 
@@ -125,8 +126,6 @@ def run_b(cfg, work: Path) -> dict:
 
 
 def summarise(raw: dict, side: str, cfg: dict, spec, peak_flops: float) -> dict:
-    from launch.plan.search import dpo_step_flops
-
     if side == "A":
         secs, peak, base = raw["train_seconds"], raw["peak_rss_gib_per_rank_max"], raw["rss_before_model_gib_max"]
         ref_s = 0.0
@@ -168,7 +167,6 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
 
     from dpo_dist.tiny import ensure_bench_assets, ensure_tiny_assets
-    from launch.plan.specs import load_spec
 
     assets = ensure_tiny_assets() if a.smoke else ensure_bench_assets()
     cfg = dict(model=str(assets.llama_dir), data=str(assets.data_dir), pairs=16 if a.smoke else a.pairs,

@@ -4,7 +4,8 @@ Everything else asks this module: which device, which distributed backend, which
 accelerator, which trainer API, what the engine must do for the device (static shapes, how packed
 rows keep their attention apart, extra forward keywords), how to read peak memory and the rank.
 The differences are data in ``_BACKENDS``, one row per device. Habana modules are imported only
-when the device is hpu.
+when the device is hpu. The launcher's planner reads the same rows (``launch.plan.hardware.Hardware.backend``),
+so this module stays torch-free at import.
 
 The Gaudi twin (``DPO_DIST_HPU_TWIN=1``, a development aid): the HPU path (optimum-habana's
 ``GaudiDPOTrainer``, ``GaudiConfig``, its model adaptation, the engine's static shapes and block
@@ -44,6 +45,13 @@ class Backend:
     # How packed rows keep attention apart (dpo_dist/model/packing.py): "varlen" (transformers' attention interface,
     # per-row kernels) or "block_mask" (a 4D block-diagonal mask into the model's own attention code).
     packing_attention: str = "varlen"
+    # The DPO forward's attention keeps no s x s score matrix (HPU FusedSDPA, CUDA flash / memory-efficient SDPA). False
+    # on CPU: torch's CPU SDPA may take its flash kernel, but the planner keeps the score term for unpacked CPU rows, as
+    # its CPU calibration did (launch/plan/memory.py).
+    fused_sdpa: bool = True
+    # A ZeRO-0 run is plain DDP (gaudi_spawn --use_mpi), not DeepSpeed: GaudiDPOTrainer then keeps Habana's fused
+    # AdamW, as optimum-habana's own DPO baseline runs.
+    ddp_without_deepspeed: bool = False
     # Keywords for every model forward: optimum-habana's Gaudi attention takes FusedSDPA only when asked.
     forward_kwargs: dict = field(default_factory=dict)
     twin: bool = False  # the HPU path, run on CPU (see the module docstring)
@@ -59,11 +67,12 @@ class Backend:
 
 _HPU_ENGINE = dict(static_shapes=True, packing_attention="block_mask", forward_kwargs={"use_flash_attention": True})
 _BACKENDS = {
-    "hpu": Backend("hpu", "hccl", "hpu", "gaudi", **_HPU_ENGINE),
+    "hpu": Backend("hpu", "hccl", "hpu", "gaudi", ddp_without_deepspeed=True, **_HPU_ENGINE),
     "cuda": Backend("cuda", "nccl", "cuda", "trl"),
-    "cpu": Backend("cpu", "gloo", "cpu", "trl"),
+    "cpu": Backend("cpu", "gloo", "cpu", "trl", fused_sdpa=False),
 }
-_TWIN = Backend("cpu", "gloo", "cpu", "gaudi", twin=True, **_HPU_ENGINE)
+# The HPU row's facts on CPU: the same Gaudi attention calls (FusedSDPA through the stand-in) and ZeRO-0 as DDP.
+_TWIN = Backend("cpu", "gloo", "cpu", "gaudi", twin=True, ddp_without_deepspeed=True, **_HPU_ENGINE)
 
 
 def twin_requested(environ=None) -> bool:

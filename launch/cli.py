@@ -20,6 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dpo_dist.util.hfargs import hf_argument_parser
+from launch.plan import HARDWARE, PlanOptions, SpecError, load_spec, make_plan, plan_to_dict
+from launch.plan.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
+from launch.plan.report import render_plan_table
+
 EXIT_USAGE = 2
 EXIT_NO_FIT = 3
 
@@ -109,8 +114,6 @@ def available_cards(hardware: str, environ=None, cpu_count=None, hl_smi=_hl_smi_
     if hardware == "cpu":
         cores = cpu_count if cpu_count is not None else os.cpu_count()
         return (cores, f"this machine has {cores} CPU cores") if cores else (None, "os.cpu_count() is unknown")
-    from launch.plan.search import HARDWARE
-
     if HARDWARE[hardware].device == "hpu":
         n = _id_count(env.get("HABANA_VISIBLE_DEVICES"))
         if n is not None:
@@ -143,8 +146,6 @@ def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None,
 def build_plan(a: PlanArguments, data=None):
     """Pure: arguments (+ the data's DataShape, see data_shape_for) → (spec, hosts, plan)."""
     from launch.command.hostfile import parse_hostfile
-    from launch.plan.search import HARDWARE, PlanOptions, make_plan
-    from launch.plan.specs import load_spec
 
     if not a.model:
         raise LaunchError("--model is required: there are no default models (e.g. --model google/gemma-3-270m).")
@@ -170,8 +171,6 @@ def build_plan(a: PlanArguments, data=None):
 def data_shape_for(a: PlanArguments, extra: list[str]):
     """(DataShape or None, note or None): --pair_tokens, else measured on local data (launch/plan/datastats.py,
     I/O): packed micro-batches are sized by the data's tokens per pair."""
-    from launch.plan.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
-
     if a.pair_tokens:
         try:
             return DataShape(parse_pair_tokens(a.pair_tokens)), f"data: --pair_tokens {a.pair_tokens}"
@@ -202,9 +201,6 @@ def _split_rank_args(argv: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_plan(argv) -> int:
-    from launch.plan.search import plan_to_dict
-    from launch.plan.report import render_plan_table
-
     argv, extra = _split_rank_args(argv)
     a = _parse(PlanArguments, argv)
     _, _, plan = _plan_with_data(a, extra)
@@ -223,8 +219,6 @@ def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path
     def put(flag, *vals):
         if flag not in given:
             args.extend([flag, *map(str, vals)])
-
-    from launch.plan.search import HARDWARE
 
     hw = HARDWARE[a.hardware]
     put("--model_name_or_path", a.model)
@@ -281,8 +275,6 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     """Plan and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env). Returns (plan, cmd, run_dir)."""
     from launch.command.builder import build_launch_command, render_command_sh, render_deepspeed_env
     from launch.dsconfig import build_ds_config, write_ds_config
-    from launch.plan.search import plan_to_dict
-    from launch.plan.report import render_plan_table
 
     spec, hosts, plan = _plan_with_data(a, extra)
     plan = apply_batch_overrides(plan, extra)
@@ -321,7 +313,6 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
 def plan_env(plan) -> dict:
     """Variables the plan needs on every rank (pure): Habana's ZeRO-3 memory flags for Gaudi ZeRO-3 plans."""
     from dpo_dist.backend import HPU_ZERO3_ENV
-    from launch.plan.search import HARDWARE
 
     if HARDWARE[plan.hardware].device == "hpu" and plan.zero_stage == 3:
         return dict(HPU_ZERO3_ENV)
@@ -399,7 +390,6 @@ def main(argv: Optional[list[str]] = None) -> int:
         return 0 if argv else EXIT_USAGE
     from launch.command.builder import CommandError
     from launch.command.hostfile import HostfileError
-    from launch.plan.specs import SpecError
 
     try:
         return COMMANDS[argv[0]](argv[1:])

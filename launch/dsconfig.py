@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from dpo_dist.util.paths import REPO_ROOT
-from launch.plan.search import HARDWARE, Plan
+from launch.plan import HARDWARE, Plan
 from launch.plan.specs import ModelSpec
 
 # Source tree layout: <repo>/launch/dsconfig.py and <repo>/ds_configs/*.json. An installed

@@ -24,7 +24,7 @@ from dpo_dist.backend import twin_requested
 from dpo_dist.util.logs import redact
 from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.util.paths import REPO_ROOT
-from launch.plan.search import HARDWARE
+from launch.plan import HARDWARE
 
 ROOT = REPO_ROOT
 RECIPES = ROOT / "recipes"

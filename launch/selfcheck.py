@@ -12,7 +12,7 @@ It runs, in order, and writes ``selfcheck.md`` (a report to paste into a bug rep
 3. a short LoRA run of ``google/gemma-3-270m`` on all cards when the hub is reachable (or the model is cached);
 4. per run: the loss first → last, held-out reward accuracy, pairs/s and tokens/s (steady state: after the
    warm-up, without the steps that compiled a new shape), compared with optimum-habana's published DPO
-   baseline scaled by model size (``launch.plan.search.PUBLISHED_DPO_BASELINES``). The tiny models are far too small
+   baseline scaled by model size (``launch.plan.hardware.PUBLISHED_DPO_BASELINES``). The tiny models are far too small
    for that ratio to mean much (start-up and host work dominate); the gemma-3-270m run is the comparable one.
 
 A run passes when it exits 0, its loss falls, its held-out reward accuracy is above 0.8 and the merge post-step
@@ -31,6 +31,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
+
+from launch.plan import PUBLISHED_DPO_BASELINES, load_spec
+from launch.plan.specs import _offline  # one rule for "offline"
 
 REPORT = "selfcheck.md"
 TINY_STEPS = 20
@@ -92,8 +95,6 @@ def train_argv(run: Run, a: SelfcheckArguments, data: str, run_dir: Path, port: 
 def expected_tokens_per_s_per_card(hardware: str, params: int) -> Optional[float]:
     """optimum-habana's published DPO throughput, per card, scaled to a model of ``params`` parameters (the same
     work per token: FLOPs per token grow with the parameter count)."""
-    from launch.plan.search import PUBLISHED_DPO_BASELINES
-
     b = PUBLISHED_DPO_BASELINES.get(hardware)
     if b is None or params <= 0:
         return None
@@ -118,8 +119,6 @@ def judge(rc: int, metrics: Optional[dict], merged: bool) -> list[str]:
 
 
 def _hub_reachable(model: str) -> tuple[bool, str]:
-    from launch.plan.specs import _offline  # one rule for "offline"
-
     if _offline():
         return False, "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
     try:
@@ -161,8 +160,6 @@ def _tail(path: Path, lines: int = 40) -> str:
 
 
 def _run_one(run: Run, a: SelfcheckArguments, data: str, out: Path, port: int) -> dict:
-    from launch.plan.specs import load_spec
-
     run_dir = out / "runs" / run.name
     log = out / "runs" / f"{run.name}.log"
     log.parent.mkdir(parents=True, exist_ok=True)

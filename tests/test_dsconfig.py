@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 
 from launch.dsconfig import TEMPLATE_DIR, build_ds_config, template_name, write_ds_config
-from launch.plan.search import HARDWARE, PlanOptions, make_plan
-from launch.plan.specs import load_spec
+from launch.plan import HARDWARE, PlanOptions, load_spec, make_plan
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

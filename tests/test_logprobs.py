@@ -7,6 +7,7 @@ import torch
 
 from dpo_dist.train.engine import build_rows
 from dpo_dist.model.logprobs import reference_sequence_logps, sequence_logps
+from launch.plan import HARDWARE, PlanOptions, estimate_memory, load_spec, make_plan
 
 
 def _model(family, tok, softcap=None):
@@ -71,11 +72,9 @@ def test_right_padding_does_not_change_logps(tiny_assets):
 
 
 def test_planner_counts_chunked_logits_and_reference_cache(monkeypatch):
-    """launch/plan/search.py: chunked log-probs shrink the logits term (Gemma 3's 262k vocab), and with
+    """launch/plan/memory.py and search.py: chunked log-probs shrink the logits term (Gemma 3's 262k vocab), and with
     reference_cache the auto choice may drop the reference (precomputed)."""
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the built-in spec, without asking the hub
-    from launch.plan.search import HARDWARE, PlanOptions, estimate_memory, make_plan
-    from launch.plan.specs import load_spec
 
     s = load_spec("google/gemma-3-1b-it")
     cuda = HARDWARE["cuda"]

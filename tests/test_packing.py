@@ -11,6 +11,7 @@ import torch
 from dpo_dist.train.engine import build_rows, packed_logps
 from dpo_dist.model.logprobs import sequence_logps
 from dpo_dist.model.packing import pack_rows, register_varlen_attention, varlen_name
+from launch.plan import HARDWARE, PlanOptions, estimate_memory, load_spec, make_plan, packed_tokens
 
 
 def _rows(vocab, seed, n=3, max_length=14):
@@ -143,8 +144,6 @@ def test_collator_pads_packed_batch_to_its_bucket_total():
 
 def test_planner_sizes_packed_micro_batches_by_the_data(monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the built-in spec, without asking the hub
-    from launch.plan.search import HARDWARE, PlanOptions, estimate_memory, make_plan, packed_tokens
-    from launch.plan.specs import load_spec
 
     s, cpu = load_spec("google/gemma-3-270m"), HARDWARE["cpu"]
     base = dict(cards=2, max_length=1024, max_prompt_length=512, use_peft=False, card_memory_gib=16.0)

@@ -11,21 +11,26 @@ from dataclasses import replace
 
 import pytest
 
-from launch.plan.search import (
+from dpo_dist.args import ModelArguments
+from dpo_dist.backend import _BACKENDS, _TWIN
+from dpo_dist.model.loader import lora_config
+from dpo_dist.model.lora import LORA_TARGETS, default_lora_targets
+from launch.plan import (
     CALIBRATION_POINT,
     GIB,
     HARDWARE,
+    PUBLISHED_DPO_BASELINES,
     PlanOptions,
-    _step_time,
     dpo_step_flops,
     estimate_memory,
     make_plan,
     mfu,
     model_state_bytes,
     plan_to_dict,
+    step_time,
 )
 from launch.plan.report import render_plan_table
-from launch.plan.specs import load_spec
+from launch.plan.specs import FAMILIES, SpecError, load_spec
 
 MODELS = [
     "google/gemma-3-270m", "google/gemma-3-1b-it", "google/gemma-3-4b-it", "google/gemma-3-12b-it",
@@ -76,12 +81,10 @@ def test_hpu_overhead_reproduces_measured_point():
 @pytest.mark.parametrize("hw,samples_per_s", [("gaudi2", 13.5), ("gaudi3", 15.1)])
 def test_speed_model_reproduces_published_dpo_baselines(hw, samples_per_s):
     """optimum-habana baselines: llama-7b LoRA r8, max_length 1024, bs 1, GA 4, 8 cards, DDP."""
-    from launch.plan.search import PUBLISHED_DPO_BASELINES
-
     assert PUBLISHED_DPO_BASELINES[hw]["pairs_per_s"] == samples_per_s
     s = spec("meta-llama/Llama-2-7b-hf")
     opts = PlanOptions(cards=8, lora_r=8, lora_target_modules=("q_proj", "v_proj"), global_batch_size=32, packing=False)
-    step = _step_time(s, HARDWARE[hw], opts, 1, 0, "none", 1, False, "replicated", 4)
+    step = step_time(s, HARDWARE[hw], opts, 1, 0, "none", 1, False, "replicated", 4)
     assert 32 / step == pytest.approx(samples_per_s, rel=0.10)
 
 
@@ -212,13 +215,15 @@ def test_gaudi_packing_counts_the_block_mask():
     """Packed rows on Gaudi attend through a T x T block-diagonal mask: its bytes grow with T^2, and the attention
     FLOPs span the whole packed row (the speed model ranks it below varlen packing)."""
     s = spec("meta-llama/Meta-Llama-3-8B")
-    gaudi, varlen = HARDWARE["gaudi2"], replace(HARDWARE["gaudi2"], packing_attention="varlen")
+    # The same card on CUDA's backend row: varlen packing (fused attention and the rest as on Gaudi).
+    gaudi, varlen = HARDWARE["gaudi2"], replace(HARDWARE["gaudi2"], device="cuda")
+    assert gaudi.backend.packing_attention == "block_mask" and varlen.backend.packing_attention == "varlen"
     opts = PlanOptions(cards=8, max_length=2048, max_prompt_length=512, packing=True)
     a = estimate_memory(s, gaudi, opts, 0, "none", 2, False, "adapter")["activations"]
     b = estimate_memory(s, varlen, opts, 0, "none", 2, False, "adapter")["activations"]
     t = 2 * 2 * 2048
     assert (a - b) * GIB == pytest.approx(2 * t * t * 2)
-    assert _step_time(s, gaudi, opts, 1, 0, "none", 2, False, "adapter", 4) > _step_time(
+    assert step_time(s, gaudi, opts, 1, 0, "none", 2, False, "adapter", 4) > step_time(
         s, varlen, opts, 1, 0, "none", 2, False, "adapter", 4)
 
 
@@ -230,6 +235,22 @@ def test_cpu_is_fp32_without_offload():
     assert full["params"] + full["grads"] + full["optimizer"] == pytest.approx(16 * s.num_params / GIB)
     plan = make_plan(s, cpu, PlanOptions(cards=2, card_memory_gib=64))
     assert plan.fits and plan.offload == "none"
+
+
+def test_hardware_reads_the_ranks_backend_table():
+    """What the ranks do on a device is one row of dpo_dist.backend, for the planner and the ranks alike."""
+    for name, hw in HARDWARE.items():
+        assert hw.backend is _BACKENDS[hw.device], name
+    gaudi, cuda, cpu = HARDWARE["gaudi2"].backend, HARDWARE["cuda"].backend, HARDWARE["cpu"].backend
+    assert HARDWARE["gaudi3"].backend is gaudi
+    assert gaudi.static_shapes and gaudi.packing_attention == "block_mask" and gaudi.ddp_without_deepspeed
+    assert gaudi.fused_sdpa and cuda.fused_sdpa and not cpu.fused_sdpa
+    assert not (cuda.static_shapes or cpu.static_shapes or cuda.ddp_without_deepspeed or cpu.ddp_without_deepspeed)
+    # The twin runs the HPU path on CPU: the same engine and trainer facts as the hpu row.
+    for field in ("static_shapes", "packing_attention", "fused_sdpa", "ddp_without_deepspeed", "trainer_api"):
+        assert getattr(_TWIN, field) == getattr(_BACKENDS["hpu"], field), field
+    with pytest.raises(ValueError, match="device"):
+        replace(HARDWARE["cuda"], device="tpu")
 
 
 # --------------------------------------------------------------------------- #
@@ -463,10 +484,43 @@ def test_forced_reference_and_options():
         assert p.zero_stage == stage and p.fits
 
 
+@pytest.mark.parametrize("model", ["meta-llama/Meta-Llama-3-8B", "google/gemma-3-1b-it"])
+def test_plan_lora_targets_are_what_the_ranks_train(model):
+    """Without lora_target_modules the plan sizes (and its note names) the modules lora_config adapts for the
+    model's family when --lora_target_modules is not given."""
+    pytest.importorskip("peft")  # lora_config builds peft's LoraConfig
+    s = spec(model)
+    ranks = lora_config(ModelArguments(model_name_or_path=model, use_peft=True), s.family).target_modules
+    opts = PlanOptions(cards=8)
+    assert opts.lora_target_modules is None
+    assert set(opts.lora_targets(s)) == set(ranks) and len(opts.lora_targets(s)) == len(ranks)
+    assert opts.trainable_params(s) == s.lora_params(16, ranks)
+    p = make_plan(s, HARDWARE["gaudi2"], opts)
+    note = next(n for n in p.notes if n.startswith("LoRA"))
+    assert f"on {', '.join(opts.lora_targets(s))}:" in note
+    assert f"{s.lora_params(16, ranks) / 1e6:.1f}M trainable" in note
+    # Targets given to the planner are the ones it sizes.
+    qv = PlanOptions(cards=8, lora_target_modules=("q_proj", "v_proj"))
+    assert qv.lora_targets(s) == ("q_proj", "v_proj") and qv.trainable_params(s) < opts.trainable_params(s)
+    assert PlanOptions(use_peft=False).trainable_params(s) == s.num_params
+
+
+def test_every_family_has_default_lora_targets():
+    assert set(FAMILIES) <= set(LORA_TARGETS)
+    for family in FAMILIES:
+        targets = default_lora_targets(family)
+        assert targets == list(LORA_TARGETS[family]) and targets is not default_lora_targets(family)
+        spec("google/gemma-3-270m").lora_params(8, targets)  # every default target is one the planner sizes
+    assert default_lora_targets("mistral") == "all-linear"
+    with pytest.raises(SpecError, match="unknown LoRA target"):
+        spec("google/gemma-3-270m").lora_params(8, ("qkv_proj",))
+
+
 @pytest.mark.parametrize("kwargs", [
     dict(cards=0), dict(cards=12, nodes=5), dict(max_prompt_length=1024), dict(safety_margin=1.5),
     dict(reference="ema"), dict(reference="adapter", use_peft=False), dict(micro_batch_sizes=()),
     dict(zero_stage=4), dict(zero_stage=2, reference="sharded"), dict(zero_stage=3, reference="replicated"),
+    dict(lora_target_modules=()), dict(lora_target_modules="q_proj"),
 ])
 def test_bad_options_raise(kwargs):
     with pytest.raises(ValueError):
@@ -492,7 +546,7 @@ def test_render_plan_table():
 
 
 def test_launch_imports_no_accelerator_stack():
-    code = ("import sys, launch.plan.specs, launch.plan.search, launch.dsconfig, launch.plan.report; "
+    code = ("import sys, launch.plan, launch.plan.search, launch.dsconfig, launch.plan.report, launch.plan.datastats; "
             "print([m for m in ('torch', 'deepspeed', 'transformers', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

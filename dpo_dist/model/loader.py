@@ -12,12 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_dist.args import UserError
-
-# All attention and MLP projections: the usual LoRA recipe for both families.
-LORA_TARGETS = {
-    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    "gemma3": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-}
+from dpo_dist.model.lora import default_lora_targets
 
 
 class ModelLoadError(UserError):
@@ -109,7 +104,7 @@ def load_model(model_args, *, device: str, bf16: bool, extra_kwargs: Optional[di
     family = family_of(config.model_type)
     attn = model_args.attn_implementation or default_attn_implementation(family, device)
     if packing:
-        from dpo_dist.model.packing import register_varlen_attention, varlen_name
+        from dpo_dist.model.packing import register_varlen_attention, varlen_name  # deferred: torch
 
         register_varlen_attention()
         attn = varlen_name(attn)
@@ -133,7 +128,7 @@ def lora_config(model_args, family: str):
     if model_args.lora_target_modules:
         targets = [t.strip() for t in model_args.lora_target_modules.split(",") if t.strip()]
     else:
-        targets = LORA_TARGETS.get(family, "all-linear")
+        targets = default_lora_targets(family)
     return LoraConfig(
         r=model_args.lora_r,
         lora_alpha=model_args.lora_alpha,

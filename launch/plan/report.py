@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 
-from launch.plan.search import Plan
+from launch.plan.types import Plan
 
 _MEMORY_ROWS = ("params", "grads", "optimizer", "reference", "activations", "logits", "buffers", "overhead")
 

@@ -25,7 +25,6 @@ from typing import Iterable, Mapping
 FAMILIES = ("llama", "gemma3")
 GEMMA3_SIZES = ("270m", "1b", "4b", "12b", "27b")
 LLAMA_SIZES = {"2": ("7b", "13b", "70b"), "3": ("8b", "70b"), "3.1": ("8b", "70b")}
-LORA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _TRUE = {"1", "on", "yes", "true"}
 
 
@@ -97,7 +96,8 @@ class ModelSpec:
 
     def lora_params(self, r: int, target_modules: Iterable[str]) -> int:
         """LoRA adapter parameters: r * (in + out) per targeted linear, per layer.
-        (Targets are matched in the text decoder only.)"""
+        (Targets are matched in the text decoder only; any of its seven projections can be one. What the ranks
+        target by default is dpo_dist.model.lora's rule, which PlanOptions.lora_targets applies.)"""
         h, i = self.hidden_size, self.intermediate_size
         shapes = {
             "q_proj": (h, self.q_dim),
@@ -111,7 +111,7 @@ class ModelSpec:
         total = 0
         for m in target_modules:
             if m not in shapes:
-                raise SpecError(f"unknown LoRA target module {m!r}; known: {', '.join(LORA_MODULES)}")
+                raise SpecError(f"unknown LoRA target module {m!r}; known: {', '.join(shapes)}")
             fan_in, fan_out = shapes[m]
             total += r * (fan_in + fan_out)
         return total * self.num_hidden_layers
