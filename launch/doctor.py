@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Sequence, TextIO
 
 from dpo_dist.backend import TWIN_ENV, twin_requested
+from dpo_dist.util.logs import is_secret_name
+from launch.command.hostfile import HostfileError, is_loopback, parse_hostfile
 from launch.pins import checked_pins
-from launch.command.hostfile import is_loopback
 
 __all__ = ["Check", "collect_checks", "render_checks", "run_doctor", "version_status"]
 
@@ -383,8 +384,6 @@ def _probe_host(host: str, port: int, timeout: float) -> dict:
 
 def _hostfile_checks(path: str, cards: Optional[int], kind: str, ssh_port: int, timeout: float,
                      probe=_probe_host) -> List[Check]:
-    from launch.command.hostfile import HostfileError, parse_hostfile
-
     sec = "hostfile"
     try:
         hosts = parse_hostfile(Path(path), expected_slots=cards)
@@ -459,8 +458,6 @@ def _hostfile_checks(path: str, cards: Optional[int], kind: str, ssh_port: int, 
 
 
 def _secret_checks(environ: Mapping[str, str], multi: bool) -> List[Check]:
-    from launch.command.quoting import is_secret_name
-
     sec = "secrets"
     checks = []
     names = [n for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if environ.get(n)]

@@ -9,7 +9,7 @@ optimum-habana` launches exactly as the upstream script would:
 
 DistributedRunner runs each command as one bash line (`subprocess.Popen(shell=True)`), so every word
 is shell-quoted here (`shlex.join`): an argument with a space reaches the rank as one word.
-`launch.command.builder` also refuses script arguments with shell metacharacters for this path. Habana
+`launch.command.gaudi` also refuses script arguments with shell metacharacters for this path. Habana
 modules are imported only here, when it runs (on HPU, or in the Gaudi twin).
 """
 

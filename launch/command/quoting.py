@@ -36,11 +36,6 @@ import shlex
 import unicodedata
 from collections.abc import Iterable, Sequence
 
-# A variable whose name is_secret_name calls a secret (it contains one of SECRET_NAME_MARKERS) is never
-# written to `.deepspeed_env`, `command.sh` or any other file the launcher produces. Re-exported: the
-# definition lives in dpo_dist.util.logs (stdlib-only), which also redacts those values from log lines.
-from dpo_dist.util.logs import SECRET_NAME_MARKERS, is_secret_name
-
 __all__ = [
     "QuotingError",
     "RESHELL_SAFE_CHARS",
@@ -53,8 +48,6 @@ __all__ = [
     "check_reshell_safe",
     "check_env_name",
     "check_deepspeed_env_value",
-    "is_secret_name",
-    "SECRET_NAME_MARKERS",
 ]
 
 
