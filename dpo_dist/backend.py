@@ -3,7 +3,7 @@
 Everything else asks this module: which device, which distributed backend, which DeepSpeed
 accelerator, which trainer API, what the engine must do for the device (static shapes, how packed
 rows keep their attention apart, extra forward keywords), how to read peak memory and the rank.
-The differences are data in ``_BACKENDS``, one row per device. Habana modules are imported only
+The differences are data in ``BACKENDS``, one row per device. Habana modules are imported only
 when the device is hpu. The launcher's planner reads the same rows (``launch.plan.hardware.Hardware.backend``),
 so this module stays torch-free at import.
 
@@ -54,6 +54,8 @@ class Backend:
     ddp_without_deepspeed: bool = False
     # Keywords for every model forward: optimum-habana's Gaudi attention takes FusedSDPA only when asked.
     forward_kwargs: dict = field(default_factory=dict)
+    # The variable that lists the cards a process may use ("0,1,2", unset or "all": every card); None on CPU.
+    visible_devices_env: str | None = None
     twin: bool = False  # the HPU path, run on CPU (see the module docstring)
 
     @property
@@ -66,13 +68,14 @@ class Backend:
 
 
 _HPU_ENGINE = dict(static_shapes=True, packing_attention="block_mask", forward_kwargs={"use_flash_attention": True})
-_BACKENDS = {
-    "hpu": Backend("hpu", "hccl", "hpu", "gaudi", ddp_without_deepspeed=True, **_HPU_ENGINE),
-    "cuda": Backend("cuda", "nccl", "cuda", "trl"),
+BACKENDS = {
+    "hpu": Backend("hpu", "hccl", "hpu", "gaudi", ddp_without_deepspeed=True, visible_devices_env="HABANA_VISIBLE_DEVICES",
+                   **_HPU_ENGINE),
+    "cuda": Backend("cuda", "nccl", "cuda", "trl", visible_devices_env="CUDA_VISIBLE_DEVICES"),
     "cpu": Backend("cpu", "gloo", "cpu", "trl", fused_sdpa=False),
 }
 # The HPU row's facts on CPU: the same Gaudi attention calls (FusedSDPA through the stand-in) and ZeRO-0 as DDP.
-_TWIN = Backend("cpu", "gloo", "cpu", "gaudi", twin=True, ddp_without_deepspeed=True, **_HPU_ENGINE)
+TWIN = Backend("cpu", "gloo", "cpu", "gaudi", twin=True, ddp_without_deepspeed=True, **_HPU_ENGINE)
 
 
 def twin_requested(environ=None) -> bool:
@@ -118,8 +121,8 @@ def detect_device(requested: str = "auto") -> str:
 def get_backend(requested: str = "auto") -> Backend:
     """The backend for `requested`; with $DPO_DIST_HPU_TWIN set, a request for hpu (or auto) is the twin."""
     if twin_requested() and requested in (None, "", "auto", "hpu"):
-        return _TWIN
-    return _BACKENDS[detect_device(requested)]
+        return TWIN
+    return BACKENDS[detect_device(requested)]
 
 
 def apply_env(backend: Backend) -> None:

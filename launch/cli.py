@@ -12,6 +12,7 @@ spawn. Everything before `spawn` is pure and importable without torch.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -20,10 +21,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dpo_dist.backend import HPU_ZERO3_ENV, cleanup_shm_buffers
 from dpo_dist.util.hfargs import hf_argument_parser
+from launch.cards import available_cards, hl_smi_count
+from launch.command.builder import (
+    CommandError, build_launch_command, format_command, render_command_sh, render_deepspeed_env,
+)
+from launch.command.hostfile import HostfileError, is_loopback, parse_hostfile
+from launch.doctor import run_doctor
+from launch.dsconfig import build_ds_config, write_ds_config
 from launch.plan import HARDWARE, PlanOptions, SpecError, load_spec, make_plan, plan_to_dict
 from launch.plan.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
 from launch.plan.report import render_plan_table
+from launch.spawn import spawn
 
 EXIT_USAGE = 2
 EXIT_NO_FIT = 3
@@ -85,53 +95,11 @@ def _parse(dc, argv):
     return args
 
 
-def _id_count(value: Optional[str]) -> Optional[int]:
-    """Devices named by a *_VISIBLE_DEVICES value; None when unknown ('all', unset)."""
-    if value is None or value.strip().lower() in ("", "all"):
-        return None
-    return len([x for x in value.split(",") if x.strip()])
-
-
-def _hl_smi_count() -> Optional[int]:
-    """Gaudi cards hl-smi lists on this node (None without hl-smi, or when it fails)."""
-    import shutil
-    import subprocess
-
-    if not shutil.which("hl-smi"):
-        return None
-    try:
-        out = subprocess.run(["hl-smi", "-Q", "index", "-f", "csv,noheader"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    lines = [x for x in out.stdout.splitlines() if x.strip()]
-    return len(lines) if out.returncode == 0 and lines else None
-
-
-def available_cards(hardware: str, environ=None, cpu_count=None, hl_smi=_hl_smi_count) -> tuple:
-    """(count, where it comes from) of the cards this node has for `hardware`, or (None, why unknown).
-    Reads the environment and, for Gaudi without HABANA_VISIBLE_DEVICES, `hl-smi`; never imports torch."""
-    env = os.environ if environ is None else environ
-    if hardware == "cpu":
-        cores = cpu_count if cpu_count is not None else os.cpu_count()
-        return (cores, f"this machine has {cores} CPU cores") if cores else (None, "os.cpu_count() is unknown")
-    if HARDWARE[hardware].device == "hpu":
-        n = _id_count(env.get("HABANA_VISIBLE_DEVICES"))
-        if n is not None:
-            return n, f"HABANA_VISIBLE_DEVICES={env['HABANA_VISIBLE_DEVICES']} makes {n} visible"
-        n = hl_smi() if hl_smi else None
-        return (n, f"hl-smi lists {n}") if n else (None, "no HABANA_VISIBLE_DEVICES list and no hl-smi")
-    if hardware == "cuda":
-        n = _id_count(env.get("CUDA_VISIBLE_DEVICES"))
-        return (n, f"CUDA_VISIBLE_DEVICES={env['CUDA_VISIBLE_DEVICES']} makes {n} visible") if n is not None else (
-            None, "CUDA_VISIBLE_DEVICES is not set")
-    return None, "unknown hardware"
-
-
-def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None, hl_smi=_hl_smi_count) -> None:
+def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None, hl_smi=hl_smi_count) -> None:
     """More cards per node than this node has: a LaunchError naming --cards and what the node has. Checked only
     when the count is known and this node is one of the nodes (no hostfile, or every host is loopback), so a
     plan for other machines still works on a laptop."""
-    if hosts and not all(h.host.lower() in ("localhost", "::1") or h.host.startswith("127.") for h in hosts):
+    if hosts and not all(is_loopback(h.host) for h in hosts):
         return
     have, source = available_cards(a.hardware, environ, cpu_count, hl_smi)
     if have is None or a.cards <= have:
@@ -143,10 +111,41 @@ def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None,
     )
 
 
-def build_plan(a: PlanArguments, data=None):
-    """Pure: arguments (+ the data's DataShape, see data_shape_for) → (spec, hosts, plan)."""
-    from launch.command.hostfile import parse_hostfile
+def rank_flag(extra: list[str], flag: str) -> str | None:
+    """The value of `flag` among the rank arguments after `--` (`--flag V` or `--flag=V`; the last one wins)."""
+    value = None
+    for i, word in enumerate(extra):
+        name, eq, rest = word.partition("=")
+        if name == flag:
+            value = rest if eq else (extra[i + 1] if i + 1 < len(extra) else "")
+    return value
 
+
+def lora_options(extra: list[str]) -> dict:
+    """PlanOptions for the LoRA the ranks will train: --lora_r and --lora_target_modules given after `--` (else the
+    ranks' defaults, which PlanOptions has too), so the plan sizes and prints what is trained."""
+    out = {}
+    r = rank_flag(extra, "--lora_r")
+    if r is not None:
+        try:
+            out["lora_r"] = int(r)
+        except ValueError:
+            raise LaunchError(f"--lora_r {r!r} (after `--`): expected a positive integer.") from None
+        if out["lora_r"] < 1:
+            raise LaunchError(f"--lora_r must be a positive integer (got {out['lora_r']}).")
+    targets = rank_flag(extra, "--lora_target_modules")
+    if targets is not None:
+        names = tuple(x.strip() for x in targets.split(",") if x.strip())
+        if not names:
+            raise LaunchError("--lora_target_modules (after `--`) is empty: give comma-separated module names, "
+                              "e.g. q_proj,v_proj, or leave it out for the family's default.")
+        out["lora_target_modules"] = names
+    return out
+
+
+def build_plan(a: PlanArguments, data=None, extra: list[str] = ()):
+    """Pure: arguments (+ the data's DataShape, see data_shape_for, and the rank arguments after `--`) →
+    (spec, hosts, plan)."""
     if not a.model:
         raise LaunchError("--model is required: there are no default models (e.g. --model google/gemma-3-270m).")
     use_peft = a.use_peft and not a.full
@@ -164,8 +163,12 @@ def build_plan(a: PlanArguments, data=None):
         use_peft=use_peft, card_memory_gib=a.card_memory_gib, reference=a.reference, zero_stage=a.zero_stage,
         pair_tokens=data.pair_tokens if data else None, train_pairs=data.train_pairs if data else None,
         packing=False if getattr(a, "task", "dpo") == "sft" else None,  # sft.py does not pack
+        **lora_options(list(extra)),
     )
-    return spec, hosts, make_plan(spec, hw, options)
+    try:
+        return spec, hosts, make_plan(spec, hw, options)
+    except ValueError as e:  # a LoRA target the model does not have, named by the spec
+        raise LaunchError(str(e)) from None
 
 
 def data_shape_for(a: PlanArguments, extra: list[str]):
@@ -183,10 +186,8 @@ def data_shape_for(a: PlanArguments, extra: list[str]):
 
 def _plan_with_data(a: PlanArguments, extra: list[str]):
     """build_plan with the data's token lengths, and a note on where they come from."""
-    import dataclasses
-
     data, note = data_shape_for(a, extra)
-    spec, hosts, plan = build_plan(a, data)
+    spec, hosts, plan = build_plan(a, data, extra)
     if note and plan.packing:
         plan = dataclasses.replace(plan, notes=(*plan.notes, note))
     return spec, hosts, plan
@@ -251,8 +252,6 @@ BATCH_FLAGS = {"--per_device_train_batch_size": "micro_batch_size", "--gradient_
 def apply_batch_overrides(plan, extra: list[str]):
     """Pure: batch flags the user passes after `--` win over the plan, and the DeepSpeed config follows them
     (DeepSpeed refuses a config whose batch sizes differ from the trainer's)."""
-    import dataclasses
-
     changes = {}
     for i, word in enumerate(extra):
         flag, _, value = word.partition("=")
@@ -273,9 +272,6 @@ def apply_batch_overrides(plan, extra: list[str]):
 
 def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     """Plan and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env). Returns (plan, cmd, run_dir)."""
-    from launch.command.builder import build_launch_command, render_command_sh, render_deepspeed_env
-    from launch.dsconfig import build_ds_config, write_ds_config
-
     spec, hosts, plan = _plan_with_data(a, extra)
     plan = apply_batch_overrides(plan, extra)
     check_cards_available(a, hosts, environ)
@@ -312,8 +308,6 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
 
 def plan_env(plan) -> dict:
     """Variables the plan needs on every rank (pure): Habana's ZeRO-3 memory flags for Gaudi ZeRO-3 plans."""
-    from dpo_dist.backend import HPU_ZERO3_ENV
-
     if HARDWARE[plan.hardware].device == "hpu" and plan.zero_stage == 3:
         return dict(HPU_ZERO3_ENV)
     return {}
@@ -332,9 +326,6 @@ def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
 
 
 def cmd_train(argv) -> int:
-    from launch.command.builder import format_command
-    from launch.spawn import spawn
-
     argv, extra = _split_rank_args(argv)
     a = _parse(TrainArguments, argv)
     plan, cmd, run_dir = prepare_run(a, extra)
@@ -349,8 +340,6 @@ def cmd_train(argv) -> int:
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     result = spawn(cmd.commands, env, log_path=run_dir / "launch.log")
     if a.hardware == "cpu":  # ranks that were killed could not remove their shared-memory buffers
-        from dpo_dist.backend import cleanup_shm_buffers
-
         cleanup_shm_buffers(a.master_port)
     if result.returncode != 0:
         print(f"launch: training failed: {result.failed or 'exit ' + str(result.returncode)}. Log: {run_dir / 'launch.log'}",
@@ -361,14 +350,12 @@ def cmd_train(argv) -> int:
 
 
 def cmd_doctor(argv) -> int:
-    from launch.doctor import run_doctor
-
     a = _parse(DoctorArguments, argv)
     return run_doctor(hardware=a.hardware, hostfile=a.hostfile, cards=a.cards, ssh_port=a.ssh_port)
 
 
 def cmd_selfcheck(argv) -> int:
-    from launch.selfcheck import SelfcheckArguments, run_selfcheck
+    from launch.selfcheck import SelfcheckArguments, run_selfcheck  # deferred: selfcheck runs this module's commands
 
     a = _parse(SelfcheckArguments, argv)
     try:
@@ -388,9 +375,6 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"\nlaunch: error: unknown command {argv[0]!r}; choose one of {', '.join(COMMANDS)}.", file=sys.stderr)
             return EXIT_USAGE
         return 0 if argv else EXIT_USAGE
-    from launch.command.builder import CommandError
-    from launch.command.hostfile import HostfileError
-
     try:
         return COMMANDS[argv[0]](argv[1:])
     except NoFit as e:

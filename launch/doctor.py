@@ -41,7 +41,6 @@ import os
 import platform
 import shutil
 import socket
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +48,7 @@ from typing import Callable, List, Mapping, Optional, Sequence, TextIO
 
 from dpo_dist.backend import TWIN_ENV, twin_requested
 from dpo_dist.util.logs import is_secret_name
+from launch.cards import HL_SMI_INDEX, run_tool, visible_ids
 from launch.command.hostfile import HostfileError, is_loopback, parse_hostfile
 from launch.pins import checked_pins
 
@@ -60,7 +60,6 @@ HARDWARE_CHOICES = ("gaudi2", "gaudi3", "hpu", "cuda", "cpu")
 DEFAULT_SSH_PORT = 22
 HABANA_SSH_PORT = 3022
 CONNECT_TIMEOUT_S = 1.5
-TOOL_TIMEOUT_S = 15.0
 
 OK, INFO, WARN, FAIL = "ok", "info", "warn", "fail"
 _TAGS = {OK: "[ OK ]", INFO: "[INFO]", WARN: "[WARN]", FAIL: "[FAIL]"}
@@ -198,27 +197,6 @@ def _version_checks(kind: str, version_of: Callable[[str], Optional[str]], twin:
 # accelerator
 
 
-def _run_tool(argv: Sequence[str], timeout: float = TOOL_TIMEOUT_S) -> Optional[str]:
-    """stdout of a fixed tool command (never a shell), or None if it is missing or fails."""
-    exe = shutil.which(argv[0])
-    if exe is None:
-        return None
-    try:
-        proc = subprocess.run([exe, *argv[1:]], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                              timeout=timeout, stdin=subprocess.DEVNULL)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return proc.stdout if proc.returncode == 0 else None
-
-
-def _id_list(value: str) -> Optional[List[str]]:
-    """'0,1,2' -> ['0','1','2']; 'all' / '' -> None (no restriction)."""
-    value = value.strip()
-    if value == "" or value.lower() == "all":
-        return None
-    return [x.strip() for x in value.split(",") if x.strip()]
-
-
 def _count_check(sec: str, what: str, visible: Optional[int], source: str, cards: Optional[int],
                  unknown_fix: str) -> Check:
     if visible is None:
@@ -271,9 +249,9 @@ def _hpu_checks(environ: Mapping[str, str], cards: Optional[int], run_tool) -> L
                                 "point GAUDI_SPAWN at optimum-habana's examples/gaudi_spawn.py, or unset it "
                                 "(the launcher then runs the DeepSpeed command gaudi_spawn would build)"))
     # visible cards
-    hl = run_tool(["hl-smi", "-Q", "index", "-f", "csv,noheader"])
+    hl = run_tool(HL_SMI_INDEX)
     hl_count = None if hl is None else len([x for x in hl.splitlines() if x.strip()])
-    ids = _id_list(environ.get("HABANA_VISIBLE_DEVICES", ""))
+    ids = visible_ids(environ.get("HABANA_VISIBLE_DEVICES", ""))
     sources = []
     visible = None
     if hl_count is not None:
@@ -308,7 +286,7 @@ def _cuda_checks(environ: Mapping[str, str], cards: Optional[int], run_tool) -> 
             sources.append(f"torch.cuda.device_count() = {visible}")
         except Exception as e:  # no torch, or a broken CUDA runtime
             sources.append(f"nvidia-smi not found and torch.cuda unavailable ({type(e).__name__})")
-    ids = _id_list(environ.get("CUDA_VISIBLE_DEVICES", ""))
+    ids = visible_ids(environ.get("CUDA_VISIBLE_DEVICES", ""))
     if ids is not None and out is not None:  # torch.cuda already honours CUDA_VISIBLE_DEVICES
         sources.append(f"CUDA_VISIBLE_DEVICES has {len(ids)}")
         visible = min(visible, len(ids))
@@ -499,7 +477,7 @@ def _secret_checks(environ: Mapping[str, str], multi: bool) -> List[Check]:
 def collect_checks(hardware: Optional[str] = None, hostfile: Optional[str] = None, cards: Optional[int] = None,
                    environ: Optional[Mapping[str, str]] = None, ssh_port: int = DEFAULT_SSH_PORT,
                    timeout: float = CONNECT_TIMEOUT_S, version_of: Callable[[str], Optional[str]] = _installed,
-                   run_tool: Callable[[Sequence[str]], Optional[str]] = _run_tool) -> List[Check]:
+                   run_tool: Callable[[Sequence[str]], Optional[str]] = run_tool) -> List[Check]:
     """Every check, as data. Arguments as for `run_doctor`; `version_of` and `run_tool` are
     injectable for tests."""
     env: Mapping[str, str] = os.environ if environ is None else environ

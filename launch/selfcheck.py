@@ -32,6 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from dpo_dist.backend import twin_requested
+from launch.cards import available_cards
+from launch.command.quoting import check_no_control
+from launch.doctor import collect_checks, render_checks
 from launch.plan import PUBLISHED_DPO_BASELINES, load_spec
 from launch.plan.specs import _offline  # one rule for "offline"
 
@@ -143,9 +147,6 @@ def _versions() -> dict:
 
 
 def _default_cards(hardware: str) -> int:
-    from dpo_dist.backend import twin_requested
-    from launch.cli import available_cards
-
     if twin_requested():
         return 2
     n, _ = available_cards(hardware)
@@ -241,10 +242,6 @@ def render_report(a: SelfcheckArguments, cards: int, twin: bool, versions: dict,
 
 
 def run_selfcheck(a: SelfcheckArguments) -> int:
-    from dpo_dist.backend import twin_requested
-    from launch.doctor import collect_checks, render_checks
-    from launch.command.quoting import check_no_control
-
     out = Path(a.out_dir or f"runs/selfcheck-{time.strftime('%Y%m%d-%H%M%S')}")
     check_no_control(str(out), "--out_dir", ValueError)
     if out.exists() and any(out.iterdir()):

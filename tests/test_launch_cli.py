@@ -561,3 +561,16 @@ def test_bad_pair_tokens_is_a_usage_error(capsys):
     rc, out = cli(capsys, "plan", "--model", "google/gemma-3-270m", "--hardware", "cpu", "--cards", "1",
                   "--pair_tokens", "500,2000")
     assert rc == 0 and "data: --pair_tokens 500,2000" in out
+
+
+def test_plan_sizes_the_lora_given_after_the_dashes(capsys):
+    """The plan sizes (and prints) the LoRA the ranks will train: their defaults, or --lora_r /
+    --lora_target_modules given after `--`; a target the model lacks is a usage error naming it."""
+    from launch.cli import main
+
+    assert main(["plan", *LLAMA70, "--", "--lora_r", "8", "--lora_target_modules=q_proj,v_proj"]) == 0
+    assert "LoRA r=8 on q_proj, v_proj:" in capsys.readouterr().out
+    assert main(["plan", *LLAMA70]) == 0
+    assert "LoRA r=16 on q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj:" in capsys.readouterr().out
+    assert main(["plan", *LLAMA70, "--", "--lora_target_modules", "foo"]) == 2
+    assert "unknown LoRA target module 'foo'" in capsys.readouterr().err

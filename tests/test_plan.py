@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 
 from dpo_dist.args import ModelArguments
-from dpo_dist.backend import _BACKENDS, _TWIN
+from dpo_dist.backend import BACKENDS, TWIN
 from dpo_dist.model.loader import lora_config
 from dpo_dist.model.lora import LORA_TARGETS, default_lora_targets
 from launch.plan import (
@@ -240,7 +240,7 @@ def test_cpu_is_fp32_without_offload():
 def test_hardware_reads_the_ranks_backend_table():
     """What the ranks do on a device is one row of dpo_dist.backend, for the planner and the ranks alike."""
     for name, hw in HARDWARE.items():
-        assert hw.backend is _BACKENDS[hw.device], name
+        assert hw.backend is BACKENDS[hw.device], name
     gaudi, cuda, cpu = HARDWARE["gaudi2"].backend, HARDWARE["cuda"].backend, HARDWARE["cpu"].backend
     assert HARDWARE["gaudi3"].backend is gaudi
     assert gaudi.static_shapes and gaudi.packing_attention == "block_mask" and gaudi.ddp_without_deepspeed
@@ -248,7 +248,7 @@ def test_hardware_reads_the_ranks_backend_table():
     assert not (cuda.static_shapes or cpu.static_shapes or cuda.ddp_without_deepspeed or cpu.ddp_without_deepspeed)
     # The twin runs the HPU path on CPU: the same engine and trainer facts as the hpu row.
     for field in ("static_shapes", "packing_attention", "fused_sdpa", "ddp_without_deepspeed", "trainer_api"):
-        assert getattr(_TWIN, field) == getattr(_BACKENDS["hpu"], field), field
+        assert getattr(TWIN, field) == getattr(BACKENDS["hpu"], field), field
     with pytest.raises(ValueError, match="device"):
         replace(HARDWARE["cuda"], device="tpu")
 

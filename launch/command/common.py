@@ -23,7 +23,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from dpo_dist.backend import DEVICES, HPU_ENV, get_backend, twin_requested
+from dpo_dist.backend import BACKENDS, DEVICES, HPU_ENV, twin_requested
 from dpo_dist.util.logs import is_secret_name
 from launch.command.hostfile import HostEntry, host_problem
 from launch.command.quoting import check_deepspeed_env_value, check_env_name, check_reshell_safe, quote
@@ -88,9 +88,9 @@ DEVICE_LAUNCH: dict[str, DeviceLaunch] = {
         deepspeed_cards=("--num_nodes", "1", "--num_gpus"),
     ),
     "cuda": DeviceLaunch(family="CUDA", label="CUDA", launchers=("deepspeed", "torchrun"),
-                         visible_devices="CUDA_VISIBLE_DEVICES"),
+                         visible_devices=BACKENDS["cuda"].visible_devices_env),
     "cpu": DeviceLaunch(family="CPU", label="CPU", launchers=("deepspeed", "torchrun"),
-                        accelerator_env=get_backend("cpu").env, shares_cores=True, no_ssh_default=True,
+                        accelerator_env=BACKENDS["cpu"].env, shares_cores=True, no_ssh_default=True,
                         deepspeed_cards=("--num_accelerators",)),
 }
 assert tuple(DEVICE_LAUNCH) == DEVICES and set(HARDWARE_KINDS.values()) == set(DEVICES)

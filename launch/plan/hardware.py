@@ -33,7 +33,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dpo_dist.backend import _BACKENDS, Backend
+from dpo_dist.backend import BACKENDS, Backend
 
 
 @dataclass(frozen=True)
@@ -55,14 +55,14 @@ class Hardware:
     device: str = "cpu"  # the ranks' --device: its row of the backend table says what the ranks do there
 
     def __post_init__(self) -> None:
-        if self.device not in _BACKENDS:
-            raise ValueError(f"{self.name}: device must be one of {', '.join(_BACKENDS)}, got {self.device!r}")
+        if self.device not in BACKENDS:
+            raise ValueError(f"{self.name}: device must be one of {', '.join(BACKENDS)}, got {self.device!r}")
 
     @property
     def backend(self) -> Backend:
         """What the ranks do on this hardware's device (fused_sdpa, packing_attention, static_shapes,
         ddp_without_deepspeed, ...): the ranks' own row for it, not the Gaudi twin's."""
-        return _BACKENDS[self.device]
+        return BACKENDS[self.device]
 
 
 HARDWARE: dict[str, Hardware] = {

@@ -60,12 +60,12 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
     import torch
     from transformers import AutoTokenizer
 
-    from dpo_dist.backend import _BACKENDS, _TWIN
+    from dpo_dist.backend import BACKENDS, TWIN
     from dpo_dist.data.bucketing import choose_buckets, pair_row_lengths
     from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics, tokenize_pair
     from dpo_dist.model.loader import load_model
 
-    backend = _TWIN if path == "hpu" else _BACKENDS["cpu"]
+    backend = TWIN if path == "hpu" else BACKENDS["cpu"]
     if sliding_window:
         model_dir = _with_sliding_window(model_dir, sliding_window)
     fused_calls = [0]
