@@ -17,18 +17,10 @@ from dataclasses import dataclass, field, fields
 from typing import Optional
 
 from dpo_dist.util.hfargs import hf_argument_parser
+from dpo_dist.train.reference import REFERENCE_CHOICES  # the planner's words for where the reference lives
+from dpo_dist.util.errors import ArgumentError, UserError
 from dpo_dist.train.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
 
-# One name per concept: the same words the planner uses for where the reference lives.
-REFERENCE_STRATEGIES = ("auto", "adapter", "sharded", "replicated", "precomputed")
-
-
-class UserError(ValueError):
-    """Bad input from the user (arguments, data, model, config): the message says what and how to fix it."""
-
-
-class ArgumentError(UserError):
-    """Bad user input: the message names the argument, what was expected and the fix."""
 
 
 @dataclass
@@ -90,7 +82,7 @@ class TrainArguments:
             "help": "Where the reference model lives: adapter (LoRA, adapter off), sharded/replicated (a second "
             "model), precomputed (log-probs computed once before training). auto picks adapter with --use_peft, "
             "otherwise a second model.",
-            "choices": list(REFERENCE_STRATEGIES),
+            "choices": list(REFERENCE_CHOICES),
         },
     )
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Pairs per card per micro-step."})

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_dist.backend import HPU_ZERO3_ENV, cleanup_shm_buffers
+from dpo_dist.train.reference import REFERENCE_CHOICES
 from dpo_dist.util.hfargs import hf_argument_parser
 from launch.cards import available_cards, hl_smi_count
 from launch.command.builder import (
@@ -57,7 +58,7 @@ class PlanArguments:
     full: bool = field(default=False, metadata={"help": "Full fine-tuning instead of LoRA."})
     zero_stage: Optional[int] = field(default=None, metadata={"help": "Force a ZeRO stage (0-3) instead of the planner's choice."})
     reference: str = field(default="auto", metadata={"help": "auto, adapter, sharded, replicated or precomputed.",
-                                                      "choices": ["auto", "adapter", "sharded", "replicated", "precomputed"]})
+                                                      "choices": list(REFERENCE_CHOICES)})
     pair_tokens: Optional[str] = field(default=None, metadata={
         "help": "MEAN,MAX tokens per pair (chosen + rejected rows) of the training data, to size packed micro-batches "
                 "(cpu/cuda). Default: measured on the data named after `--` when it and the tokenizer are local."})

@@ -22,6 +22,7 @@ from typing import Optional
 
 from dpo_dist.backend import twin_requested
 from dpo_dist.util.logs import redact
+from dpo_dist.tiny import ensure_tiny_assets
 from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.util.paths import REPO_ROOT
 from launch.plan import HARDWARE
@@ -101,8 +102,6 @@ def launch_argv(a: PipelineArguments, task: str, model: str, run_dir: Path, extr
 
 def run_pipeline(a: PipelineArguments) -> int:
     if a.demo:
-        from dpo_dist.tiny import ensure_tiny_assets
-
         assets = ensure_tiny_assets()
         a.model, a.dataset_name = assets.llama_dir, assets.data_dir
         a.hardware, a.cards, a.recipe, a.full, a.zero_stage = "cpu", 2, "tiny", True, 3

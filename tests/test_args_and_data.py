@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from conftest import cpu_env, run_cmd, run_main
-from dpo_dist.args import ArgumentError, parse_args, validate
+from dpo_dist.args import parse_args, validate
+from dpo_dist.util.errors import ArgumentError
 from dpo_dist.data.preference import DataError, normalise, split_hh_transcript
 
 H, A = "\n\nHuman:", "\n\nAssistant:"

@@ -248,7 +248,8 @@ def test_sigterm_to_the_launcher_is_forwarded_and_keeps_checkpoints(tmp_path, ti
 
 
 def test_dist_timeout_maps_to_ddp_timeout_and_is_validated():
-    from dpo_dist.args import ArgumentError, parse_args, validate
+    from dpo_dist.args import parse_args, validate
+    from dpo_dist.util.errors import ArgumentError
     from dpo_dist.train.trl_trainer import dpo_config_kwargs
 
     m, d, t = parse_args(["--model_name_or_path", "m"])

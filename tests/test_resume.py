@@ -227,7 +227,7 @@ def _args(output_dir, value="latest"):
 
 
 def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
-    from dpo_dist.args import ArgumentError
+    from dpo_dist.util.errors import ArgumentError
     from dpo_dist.util.checkpoint import checkpoint_problems, resolve_checkpoint
 
     monkeypatch.setenv("WORLD_SIZE", "2")

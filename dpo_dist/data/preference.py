@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from dpo_dist.args import UserError
+from dpo_dist.util.errors import UserError
 from dpo_dist.data.bucketing import row_lengths
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from dpo_dist.args import UserError
+from dpo_dist.util.errors import UserError
 from dpo_dist.model.lora import default_lora_targets
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from dpo_dist.args import ArgumentError
+from dpo_dist.util.errors import ArgumentError
 
 
 def read_ds_config(ds_config) -> Optional[dict]:

@@ -94,7 +94,8 @@ import os
 import sys
 from typing import Any, Optional
 
-from dpo_dist.args import ArgumentError, DataArguments, ModelArguments, TrainArguments
+from dpo_dist.args import DataArguments, ModelArguments, TrainArguments
+from dpo_dist.util.errors import ArgumentError
 from dpo_dist.train.engine import tokenize_pair
 from dpo_dist.train.deepspeed import zero_stage_of
 

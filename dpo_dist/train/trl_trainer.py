@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from dpo_dist.train import gaudi_trainer
-from dpo_dist.args import ArgumentError
+from dpo_dist.util.errors import ArgumentError
 from dpo_dist.data.bucketing import (
     BucketBatchSampler, PackedBatchSampler, choose_buckets, fed_tokens, padding_fraction, pair_row_lengths,
 )

@@ -17,7 +17,8 @@ from launch.plan.memory import estimate_memory, model_state_bytes, packed_layer_
 from launch.plan.search import make_plan
 from launch.plan.specs import ModelSpec, SpecError, load_spec
 from launch.plan.speed import dpo_step_flops, mfu, step_time
-from launch.plan.types import GIB, OFFLOADS, REFERENCES, STAGES, Memory, Plan, PlanOptions, Suggestion, plan_to_dict
+from dpo_dist.train.reference import REFERENCES
+from launch.plan.types import GIB, OFFLOADS, STAGES, Memory, Plan, PlanOptions, Suggestion, plan_to_dict
 
 __all__ = [
     "CALIBRATION_POINT", "GIB", "HARDWARE", "OFFLOADS", "PUBLISHED_DPO_BASELINES", "REFERENCES", "STAGES",

@@ -13,6 +13,10 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
+from dpo_dist.args import DataArguments, ModelArguments, TrainArguments, parse_args
+from dpo_dist.data.preference import load_preference_splits, pair_token_stats, with_bos
+from dpo_dist.model.loader import load_tokenizer
+
 SAMPLE = 2000
 
 
@@ -34,8 +38,6 @@ def parse_pair_tokens(text: str) -> tuple[float, float]:
 
 def measure_pair_tokens(model: str, rank_args: list[str], *, max_length: int, max_prompt_length: int):
     """(DataShape, note) for the data named in the dpo_dist.dpo arguments, or (None, why)."""
-    from dpo_dist.args import DataArguments, ModelArguments, TrainArguments, parse_args
-
     try:
         m, d, t = parse_args(["--model_name_or_path", model, "--max_length", str(max_length),
                               "--max_prompt_length", str(max_prompt_length), *rank_args])
@@ -45,9 +47,6 @@ def measure_pair_tokens(model: str, rank_args: list[str], *, max_length: int, ma
     if not (_local(d.dataset_name) and _local(tok_name)):
         return None, (f"token lengths not measured (--dataset_name {d.dataset_name} or the tokenizer is not a local "
                       "path): packed micro-batches sized for max_length rows; pass --pair_tokens MEAN,MAX to size them")
-    from dpo_dist.data.preference import load_preference_splits, pair_token_stats, with_bos
-    from dpo_dist.model.loader import load_tokenizer
-
     try:
         tok = load_tokenizer(m)
         train, _ = load_preference_splits(d, t.seed)

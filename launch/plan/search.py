@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, replace
 
+from dpo_dist.train.reference import candidate_references, reference_problem
 from launch.plan.hardware import Hardware
 from launch.plan.memory import card_memory, host_gib
 from launch.plan.specs import ModelSpec
@@ -42,17 +43,11 @@ class _Candidate:
 
 
 def _references(hw: Hardware, opts: PlanOptions, stage: int) -> tuple[str, ...]:
+    # "precomputed" only when asked for, or with reference_cache (dpo-dist's cache frees the reference during
+    # training, under any ZeRO stage).
     if opts.reference != "auto":
-        wanted = (opts.reference,)
-    # "precomputed" only when asked for, or with reference_cache (dpo-dist's cache frees the
-    # reference during training, under any ZeRO stage): GaudiDPOTrainer refuses TRL's precompute
-    # under ZeRO-3, and TRL's own precompute keeps the reference model in memory.
-    elif opts.use_peft:
-        wanted = ("adapter", "precomputed") if opts.cached_reference else ("adapter",)
-    else:
-        wanted = ("sharded", "replicated", "precomputed") if opts.cached_reference else ("sharded", "replicated")
-    # Under ZeRO-3 TRL shards a separate reference; under 0-2 it is replicated.
-    return tuple(r for r in wanted if not (r == "sharded" and stage != 3 or r == "replicated" and stage == 3))
+        return (opts.reference,) if reference_problem(opts.reference, opts.use_peft, stage) is None else ()
+    return candidate_references(opts.use_peft, stage, cache=opts.cached_reference)
 
 
 def _offloads(hw: Hardware, opts: PlanOptions, stage: int) -> tuple[str, ...]:

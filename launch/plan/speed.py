@@ -19,7 +19,8 @@ from __future__ import annotations
 from launch.plan.hardware import Hardware
 from launch.plan.memory import packed_tokens, precision_bytes
 from launch.plan.specs import ModelSpec
-from launch.plan.types import REFERENCES, PlanOptions
+from dpo_dist.train.reference import REFERENCES
+from launch.plan.types import PlanOptions
 
 TOKENS_HALF_EFFICIENCY = 512  # tokens per micro-step at which kernels reach half their peak efficiency
 ZERO3_HOOK_PENALTY = 1.10

@@ -7,12 +7,12 @@ import math
 from dataclasses import asdict, dataclass
 
 from dpo_dist.model.lora import default_lora_targets
+from dpo_dist.train.reference import reference_problem
 from launch.plan.specs import ModelSpec
 
 GIB = 1024**3
 STAGES = (0, 1, 2, 3)
 OFFLOADS = ("none", "optimizer", "optimizer+params")
-REFERENCES = ("adapter", "sharded", "replicated", "precomputed")
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class PlanOptions:
     host_memory_gib: float | None = None  # None: the hardware's host RAM per node
     safety_margin: float = 0.9  # plan against this fraction of card memory
     allow_offload: bool = True
-    reference: str = "auto"  # "auto" | one of REFERENCES
+    reference: str = "auto"  # "auto" | one of dpo_dist.train.reference.REFERENCES
     zero_stage: int | None = None  # None: the planner chooses
     micro_batch_sizes: tuple[int, ...] = (1, 2, 4, 8, 16, 32)
     global_batch_size: int = 64  # preference pairs per optimizer step (target)
@@ -64,16 +64,10 @@ class PlanOptions:
             raise ValueError(f"need 0 < max_prompt_length ({self.max_prompt_length}) < max_length ({self.max_length})")
         if not 0 < self.safety_margin <= 1:
             raise ValueError(f"safety_margin must be in (0, 1], got {self.safety_margin}")
-        if self.reference not in ("auto", *REFERENCES):
-            raise ValueError(f"reference must be auto or one of {', '.join(REFERENCES)}, got {self.reference!r}")
-        if self.reference == "adapter" and not self.use_peft:
-            raise ValueError("reference 'adapter' (adapter-disabled forward) needs use_peft")
-        if self.zero_stage is not None:
-            if self.zero_stage not in STAGES:
-                raise ValueError(f"zero_stage must be one of {STAGES} or None, got {self.zero_stage}")
-            if (self.reference == "sharded") != (self.zero_stage == 3) and self.reference in ("sharded", "replicated"):
-                raise ValueError(f"reference {self.reference!r} does not exist under ZeRO-{self.zero_stage} "
-                                 "(ZeRO-3 shards a separate reference, stages 0-2 replicate it)")
+        if self.zero_stage is not None and self.zero_stage not in STAGES:
+            raise ValueError(f"zero_stage must be one of {STAGES} or None, got {self.zero_stage}")
+        if self.reference != "auto" and (problem := reference_problem(self.reference, self.use_peft, self.zero_stage)):
+            raise ValueError(problem)
         if not self.micro_batch_sizes or min(self.micro_batch_sizes) < 1:
             raise ValueError(f"micro_batch_sizes must be positive, got {self.micro_batch_sizes}")
         if self.global_batch_size < 1 or self.lora_r < 1:
