@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 
 from dpo_dist.backend import cleanup_shm_buffers
+from dpo_dist.tiny import ensure_bench_assets, ensure_tiny_assets
+from dpo_dist.util.layout import METRICS_FILE
 from launch.plan import dpo_step_flops, load_spec
 from tests.support.testing_utils import cpu_env, free_port
 
@@ -119,7 +121,7 @@ def run_b(cfg, work: Path) -> dict:
             "--learning_rate", "1e-6", "--ref_cache_dir", str(cache), "--logging_steps", "1",
             "--save_steps", "100000", "--overwrite_output_dir", *cfg.get("b_rank", [])]
     run(argv, cfg["timeout"], work / "b.log")
-    m = json.loads((run_dir / "output" / "training_metrics.json").read_text())
+    m = json.loads((run_dir / "output" / METRICS_FILE).read_text())
     m["plan"] = json.loads((run_dir / "plan.json").read_text())
     m["side"] = "B"
     return m
@@ -165,8 +167,6 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"), help="folder for latest.json/.md/.png")
     ap.add_argument("--timeout", type=int, default=1800)
     a = ap.parse_args(argv)
-
-    from dpo_dist.tiny import ensure_bench_assets, ensure_tiny_assets
 
     assets = ensure_tiny_assets() if a.smoke else ensure_bench_assets()
     cfg = dict(model=str(assets.llama_dir), data=str(assets.data_dir), pairs=16 if a.smoke else a.pairs,

@@ -16,6 +16,11 @@ import json
 import resource
 import time
 
+from dpo_dist.data.bucketing import fed_tokens
+from dpo_dist.data.preference import split_hh_transcript
+from dpo_dist.train.recorder import current_rss_bytes
+from dpo_dist.train.trl_trainer import count_real_tokens
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -35,11 +40,6 @@ def main() -> None:
     from datasets import load_dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
-
-    from dpo_dist.data.bucketing import fed_tokens
-    from dpo_dist.data.preference import split_hh_transcript
-    from dpo_dist.train.recorder import current_rss_bytes
-    from dpo_dist.train.trl_trainer import count_real_tokens
 
     kw = {k: v for k, v in (("max_length", a.max_length), ("max_prompt_length", a.max_prompt_length)) if v}
     # bf16=False: DPOConfig defaults to bf16, which TRL refuses on a CPU without bf16 support.

@@ -24,6 +24,7 @@ from dpo_dist.backend import twin_requested
 from dpo_dist.util.logs import redact
 from dpo_dist.tiny import ensure_tiny_assets
 from dpo_dist.util.hfargs import hf_argument_parser
+from dpo_dist.util.layout import METRICS_FILE
 from dpo_dist.util.paths import REPO_ROOT
 from launch.plan import HARDWARE
 
@@ -130,7 +131,7 @@ def run_pipeline(a: PipelineArguments) -> int:
                                   ["--config", recipe / "sft.yaml", *data, "--output_dir", out / "sft_dpo_init"]))
         p.step("dpo", launch_argv(a, "dpo", str(out / "sft_dpo_init_merged"), out / "dpo_run",
                                   ["--config", recipe / "dpo.yaml", *data, "--output_dir", out / "dpo_sanity"]))
-        shutil.copyfile(out / "dpo_sanity" / "training_metrics.json", out / "training_metrics.json")
+        shutil.copyfile(out / "dpo_sanity" / METRICS_FILE, out / METRICS_FILE)
         p.step("compare", [sys.executable, "-m", "dpo_dist.compare_base_vs_dpo",
                            "--base_model", out / "sft_dpo_init_merged", "--finetuned_model", out / "dpo_sanity_merged",
                            *data, "--output_json", out / "dpo_comparison_results.json",
@@ -146,7 +147,7 @@ def run_pipeline(a: PipelineArguments) -> int:
 
 
 def summary(p: Pipeline, out: Path, seconds: float) -> None:
-    m = json.loads((out / "training_metrics.json").read_text())
+    m = json.loads((out / METRICS_FILE).read_text())
     cmp_ = json.loads((out / "dpo_comparison_results.json").read_text())
     metrics = cmp_.get("metrics", {})
     base, dpo = metrics.get("Base", {}), metrics.get("DPO", {})
@@ -157,7 +158,7 @@ def summary(p: Pipeline, out: Path, seconds: float) -> None:
         f"pipeline: done in {seconds:.0f}s ({', '.join(f'{k} {v:.0f}s' for k, v in p.timings.items())})",
         f"  SFT model (DPO init):  {out / 'sft_dpo_init_merged'}",
         f"  DPO model:             {out / 'dpo_sanity_merged'}",
-        f"  training metrics:      {out / 'training_metrics.json'}",
+        f"  training metrics:      {out / METRICS_FILE}",
         f"  comparison:            {out / 'dpo_comparison_results.json'}",
         f"  report:                {report}",
         f"  log:                   {out / LOG_NAME}",

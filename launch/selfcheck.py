@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_dist.backend import twin_requested
+from dpo_dist.util.layout import METRICS_FILE
 from launch.cards import available_cards
 from launch.command.quoting import check_no_control
 from launch.doctor import collect_checks, render_checks
@@ -111,7 +112,7 @@ def judge(rc: int, metrics: Optional[dict], merged: bool) -> list[str]:
     if rc != 0:
         problems.append(f"exit {rc}")
     if not metrics:
-        return problems + ["no training_metrics.json"]
+        return problems + [f"no {METRICS_FILE}"]
     first, last, acc = metrics.get("first_train_loss"), metrics.get("last_train_loss"), metrics.get("eval_reward_accuracy")
     if first is None or last is None or not last < first:
         problems.append(f"loss did not fall ({first} -> {last})")
@@ -172,7 +173,7 @@ def _run_one(run: Run, a: SelfcheckArguments, data: str, out: Path, port: int) -
         except subprocess.TimeoutExpired:
             rc = 124
     wall = time.perf_counter() - t0
-    metrics_path = run_dir / "output" / "training_metrics.json"
+    metrics_path = run_dir / "output" / METRICS_FILE
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else None
     plan = json.loads((run_dir / "plan.json").read_text()) if (run_dir / "plan.json").is_file() else None
     merged = (run_dir / "output_merged" / "config.json").is_file() and "verified:" in log.read_text(errors="replace")
