@@ -46,7 +46,8 @@ def _cli(*args, env_extra=None):
 
 
 def _siblings(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.glob(out.name + ".*"))
+    """Leftovers beside `out`: temp folders (<name>.tmp-*) and folders moved aside (.<name>.old-*, <name>.old-*)."""
+    return sorted(p.name for pattern in (out.name + ".*", "." + out.name + ".*") for p in out.parent.glob(pattern))
 
 
 def _load_dir_state(folder: Path) -> dict:
@@ -290,16 +291,18 @@ def test_killed_merge_leaves_no_output_and_next_merge_cleans_up(tmp_path, traine
         assert SECRET not in f.read_text(errors="ignore"), f"secret leaked into {f.name}"
 
 
-def test_overwrite_moved_aside_by_a_killed_merge_is_restored(tmp_path, trained):
+@pytest.mark.parametrize("aside_name", [".merged.old-999999", "merged.old-999999"])  # replace_folder's; earlier merges'
+def test_overwrite_moved_aside_by_a_killed_merge_is_restored(tmp_path, aside_name):
     """A merge killed between moving the old output aside and renaming the new one in: the old one comes back."""
     from dpo_dist.post.merge import MergeArgumentError, merge_model
 
     out = tmp_path / "merged"
-    aside = tmp_path / "merged.old-999999"
+    aside = tmp_path / aside_name
     aside.mkdir()
     (aside / "keep.txt").write_text("previous model")
+    (tmp_path / "ckpt").mkdir()  # never read: the merge stops at the restored output
     with pytest.raises(MergeArgumentError, match="exists and is not empty"):
-        merge_model(trained("llama", "lora"), out)
+        merge_model(tmp_path / "ckpt", out)
     assert (out / "keep.txt").read_text() == "previous model" and not aside.exists()
 
 

@@ -24,6 +24,7 @@ Exit codes: 0 ok, 2 bad arguments (nothing is written), 1 any other failure.
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -33,9 +34,10 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Sequence
 
-from dpo_dist.args import ArgumentError, UserError
+from dpo_dist.args import ArgumentError, DataArguments, UserError
+from dpo_dist.data.preference import load_preference_splits, with_bos
 from dpo_dist.post.generate import (
     check_model_source,
     check_tokenizer_fits,
@@ -48,19 +50,29 @@ from dpo_dist.post.generate import (
     resolve_device,
     validate_sampling,
 )
+from dpo_dist.post.report import (
+    curves_from_log_history,
+    curves_from_losses,
+    length_bias_note,
+    plot_accuracy,
+    plot_lengths,
+    plot_training_curves,
+    render_markdown,
+)
+from dpo_dist.util.atomic import write_atomic, write_json_atomic
+from dpo_dist.util.layout import METRICS_FILE, TRAINER_STATE
+from dpo_dist.util.logs import setup_logging
 
 logger = logging.getLogger("dpo_dist.compare")
 
 PROG = "python -m dpo_dist.compare_base_vs_dpo"
-TRAINER_STATE = "trainer_state.json"
-TRAINING_METRICS = "training_metrics.json"
 
 
 @dataclass
 class CompareArguments:
-    base_model: Optional[str] = field(default=None, metadata={"help": "Base (reference) model: hub id or local folder (required)."})
-    finetuned_model: Optional[str] = field(default=None, metadata={"help": "DPO model: hub id or local folder (required)."})
-    tokenizer_name_or_path: Optional[str] = field(
+    base_model: str | None = field(default=None, metadata={"help": "Base (reference) model: hub id or local folder (required)."})
+    finetuned_model: str | None = field(default=None, metadata={"help": "DPO model: hub id or local folder (required)."})
+    tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer for both models; defaults to the base model's."}
     )
     seed: int = field(default=42, metadata={"help": "Seed for sampled generations and the KL samples."})
@@ -68,7 +80,7 @@ class CompareArguments:
     dataset_name: str = field(
         default="Anthropic/hh-rlhf", metadata={"help": "Preference data, as for training: hub name, local file or folder."}
     )
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration / data_dir on the hub."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration / data_dir on the hub."})
     dataset_train_split: str = field(default="train", metadata={"help": "Training split (a test split is carved from it when absent)."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out fraction when there is no test split (as in training)."})
@@ -85,16 +97,16 @@ class CompareArguments:
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per generation at most."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature for the side-by-side generations."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus mass for the side-by-side generations."})
-    beta: Optional[float] = field(
+    beta: float | None = field(
         default=None, metadata={"help": "DPO beta for the implicit reward; default: the training run's (training_metrics.json), else 0.1."}
     )
     batch_size: int = field(default=8, metadata={"help": "Sequences per forward / generate call."})
     output_json: str = field(default="dpo_comparison_results.json", metadata={"help": "Results file."})
-    report: Optional[str] = field(
+    report: str | None = field(
         default=None, metadata={"help": "Markdown report; default dpo_comparison_report.md next to --output_json. Plots go beside it."}
     )
     no_report: bool = field(default=False, metadata={"help": "Write only the JSON."})
-    training_dir: Optional[str] = field(
+    training_dir: str | None = field(
         default=None,
         metadata={"help": "The DPO run's output_dir, for the loss/reward curves (newest checkpoint-*/trainer_state.json, "
                           "else training_metrics.json). Default: --finetuned_model, then its name without _merged."},
@@ -180,7 +192,7 @@ def sequence_logps(model, items: Sequence[tuple[Sequence[int], Sequence[int]]], 
     Batches are formed from length-sorted items (less padding) and right-padded; the result keeps
     the input order. Empty responses score 0.
     """
-    import torch
+    import torch  # deferred: torch takes seconds to import; argument errors do not need it
 
     device = next(model.parameters()).device
     order = sorted(range(len(items)), key=lambda i: len(items[i][0]) + len(items[i][1]))
@@ -212,11 +224,11 @@ def sequence_logps(model, items: Sequence[tuple[Sequence[int], Sequence[int]]], 
 # Metrics (pure)
 # --------------------------------------------------------------------------------------
 
-def _mean(xs: Sequence[float]) -> Optional[float]:
+def _mean(xs: Sequence[float]) -> float | None:
     return float(sum(xs) / len(xs)) if xs else None
 
 
-def _stderr(xs: Sequence[float]) -> Optional[float]:
+def _stderr(xs: Sequence[float]) -> float | None:
     n = len(xs)
     if n < 2:
         return None
@@ -282,7 +294,7 @@ def _checkpoint_step(p: Path) -> int:
     return int(m.group(1)) if m else -1
 
 
-def _read_json(path: Path) -> Optional[dict]:
+def _read_json(path: Path) -> dict | None:
     try:
         return json.loads(path.read_text())
     except (OSError, ValueError) as e:
@@ -290,7 +302,7 @@ def _read_json(path: Path) -> Optional[dict]:
         return None
 
 
-def find_training_history(candidates: Sequence[Path]) -> Optional[dict]:
+def find_training_history(candidates: Sequence[Path]) -> dict | None:
     """The training log for the curves. First choice, in any candidate folder: the newest
     checkpoint-*/trainer_state.json (or a trainer_state.json at the top); second: training_metrics.json's
     train_losses. Returns {source, kind, log_history | losses, logging_steps, metrics} or None."""
@@ -303,15 +315,15 @@ def find_training_history(candidates: Sequence[Path]) -> Optional[dict]:
             state = _read_json(state_file)
             if state and state.get("log_history"):
                 near = [d] + [x for x in dirs if x != d]  # the run's own metrics first
-                metrics = next((_read_json(x / TRAINING_METRICS) for x in near if (x / TRAINING_METRICS).is_file()), None)
-                return {"source": str(state_file), "kind": "trainer_state.json log_history",
+                metrics = next((_read_json(x / METRICS_FILE) for x in near if (x / METRICS_FILE).is_file()), None)
+                return {"source": str(state_file), "kind": f"{TRAINER_STATE} log_history",
                         "log_history": state["log_history"], "logging_steps": state.get("logging_steps"),
                         "metrics": metrics}
     for d in dirs:
-        if (d / TRAINING_METRICS).is_file():
-            metrics = _read_json(d / TRAINING_METRICS)
+        if (d / METRICS_FILE).is_file():
+            metrics = _read_json(d / METRICS_FILE)
             if metrics and metrics.get("train_losses"):
-                return {"source": str(d / TRAINING_METRICS), "kind": "training_metrics.json train_losses",
+                return {"source": str(d / METRICS_FILE), "kind": f"{METRICS_FILE} train_losses",
                         "losses": metrics["train_losses"], "metrics": metrics}
     return None
 
@@ -326,11 +338,9 @@ def training_candidates(a: CompareArguments) -> list[Path]:
     return out
 
 
-def training_summary(history: Optional[dict]) -> Optional[dict]:
+def training_summary(history: dict | None) -> dict | None:
     if not history:
         return None
-    from dpo_dist.post.report import curves_from_log_history
-
     metrics = history.get("metrics") or {}
     if "log_history" in history:
         losses = [v for _, v in curves_from_log_history(history["log_history"]).get("loss", [])]
@@ -352,14 +362,6 @@ def training_summary(history: Optional[dict]) -> Optional[dict]:
 # The run
 # --------------------------------------------------------------------------------------
 
-def write_json_atomic(path: Path, obj) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
 def _strip_bos(text: str, tokenizer) -> str:
     bos = getattr(tokenizer, "bos_token", None)
     return text[len(bos):] if bos and text.startswith(bos) else text
@@ -369,8 +371,6 @@ def score_model(name: str, flag: str, *, args: CompareArguments, device, tokeniz
                 kl_samples=None) -> dict:
     """Load one model; score the pairs, generate for the prompts, and (DPO) draw the KL samples or (base)
     score them. The model is freed before returning."""
-    import gc
-
     t0 = time.perf_counter()
     model = load_causal_lm(name, flag, device=device, trust_remote_code=args.trust_remote_code)
     check_tokenizer_fits(tokenizer, model, flag, name)
@@ -403,12 +403,8 @@ def score_model(name: str, flag: str, *, args: CompareArguments, device, tokeniz
 
 
 def run(a: CompareArguments, t_start: float) -> dict:
-    from transformers.utils import logging as hf_logging
-
-    from dpo_dist.args import DataArguments
-    from dpo_dist.data.preference import load_preference_splits, with_bos
-
-    import datasets
+    import datasets  # deferred: datasets, like transformers, takes seconds to import; argument errors do not need it
+    from transformers.utils import logging as hf_logging  # deferred: transformers takes seconds to import
 
     hf_logging.disable_progress_bar()
     datasets.disable_progress_bars()
@@ -433,7 +429,7 @@ def run(a: CompareArguments, t_start: float) -> dict:
     training = training_summary(history)
     beta, beta_source = a.beta, "--beta"
     if beta is None:
-        beta, beta_source = (training["beta"], "training_metrics.json") if training and training.get("beta") else (0.1, "default")
+        beta, beta_source = (training["beta"], METRICS_FILE) if training and training.get("beta") else (0.1, "default")
 
     dpo = score_model(a.finetuned_model, "--finetuned_model", args=a, device=device, tokenizer=tokenizer, pairs=pairs,
                       gen_prompts=gen_prompts)
@@ -473,8 +469,8 @@ def run(a: CompareArguments, t_start: float) -> dict:
         }
         for i in range(min(a.num_prompts, len(gen_prompts)))
     ]
-    import torch
-    import transformers
+    import torch  # deferred: torch (loaded by now) is only needed for its version here
+    import transformers  # deferred: as torch
 
     config = {k: v for k, v in asdict(a).items()}
     config.update(beta=beta, max_completion_length=a.max_completion_length, device=str(device),
@@ -489,7 +485,7 @@ def run(a: CompareArguments, t_start: float) -> dict:
     }
 
     out_json = Path(a.output_json).expanduser()
-    plots: dict[str, Optional[str]] = {}
+    plots: dict[str, str | None] = {}
     if not a.no_report:
         plots = write_plots(results, a, history)
         results["report"] = {"markdown": str(a.report_path()), "plots": {k: v for k, v in plots.items() if v}}
@@ -501,30 +497,20 @@ def run(a: CompareArguments, t_start: float) -> dict:
 
 
 def _write_markdown(results, a: CompareArguments, plots, out_json: Path) -> None:
-    from dpo_dist.post.report import render_markdown, write_text_atomic
-
     report = a.report_path()
     rel = {k: (os.path.relpath(v, report.parent) if v else None) for k, v in plots.items()}
     try:
         json_name = os.path.relpath(out_json, report.parent)
     except ValueError:
         json_name = str(out_json)
-    write_text_atomic(report, render_markdown(results, plots=rel, training=results.get("training"), json_name=json_name))
+    write_atomic(report, render_markdown(results, plots=rel, training=results.get("training"), json_name=json_name))
 
 
-def write_plots(results, a: CompareArguments, history: Optional[dict]) -> dict[str, Optional[str]]:
+def write_plots(results, a: CompareArguments, history: dict | None) -> dict[str, str | None]:
     """The report's PNGs, beside it: <report stem>_accuracy.png, _lengths.png, _training_curves.png."""
-    from dpo_dist.post.report import (
-        curves_from_log_history,
-        curves_from_losses,
-        plot_accuracy,
-        plot_lengths,
-        plot_training_curves,
-    )
-
     report = a.report_path()
     stem = report.with_suffix("")
-    plots: dict[str, Optional[str]] = {"accuracy": None, "curves": None, "lengths": None}
+    plots: dict[str, str | None] = {"accuracy": None, "curves": None, "lengths": None}
     m = results["metrics"]
     plots["accuracy"] = str(plot_accuracy(m, f"{stem}_accuracy.png"))
     plots["lengths"] = str(plot_lengths(m["Base"]["response_lengths"], m["DPO"]["response_lengths"], f"{stem}_lengths.png",
@@ -560,8 +546,6 @@ def summary_lines(results: dict, out_json: Path) -> list[str]:
         + (f" (+/- {se:.3f}, {r['kl_num_samples']} samples)" if se is not None else ""),
         f"  mean response length           base {b['mean_response_length']:.1f} -> DPO {d['mean_response_length']:.1f} tokens",
     ]
-    from dpo_dist.post.report import length_bias_note
-
     note = length_bias_note(m.get("data"))
     if note:
         lines.append(f"  note: {note}")
@@ -571,10 +555,8 @@ def summary_lines(results: dict, out_json: Path) -> list[str]:
     return lines
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
-    from dpo_dist.util.logs import setup_logging
-
     setup_logging()
     try:
         a = parse(argv, CompareArguments, PROG)

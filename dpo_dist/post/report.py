@@ -1,7 +1,7 @@
 """The comparison report: pure functions from data to PNG plots and markdown.
 
 Nothing here loads a model or reads a run folder: `compare_base_vs_dpo` gathers the figures
-and hands them over. Every file is written atomically (a temp file, then `os.replace`), and
+and hands them over. Every plot is written with `dpo_dist.util.atomic.write_atomic`, and
 matplotlib runs on the Agg backend, so no display is needed.
 
     curves = curves_from_log_history(trainer_state["log_history"])
@@ -14,44 +14,30 @@ matplotlib runs on the Agg backend, so no display is needed.
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
-from typing import Mapping, Optional, Sequence
+from typing import Mapping, Sequence
+
+from dpo_dist.util.atomic import write_atomic
 
 # Series read from a Trainer log_history (trl DPOTrainer names); eval_* variants come from evaluate().
 CURVE_KEYS = ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected")
 
 
 def _plt():
-    import matplotlib
+    import matplotlib  # deferred: matplotlib takes a second to import; only the plots need it
 
     matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred: as matplotlib, after choosing the backend
 
     return plt
 
 
-def _save_atomic(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+def _save_png(fig, path) -> Path:
+    """`fig` as a PNG at `path`, atomically; the figure is closed either way."""
     try:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
+        return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
     finally:
         _plt().close(fig)
-        if tmp.exists():
-            tmp.unlink()
-    return path
-
-
-def write_text_atomic(path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
 
 
 # --------------------------------------------------------------------------------------
@@ -77,14 +63,14 @@ def curves_from_log_history(log_history: Sequence[Mapping]) -> dict[str, list[tu
     return curves
 
 
-def curves_from_losses(losses: Sequence[float], logging_steps: Optional[int] = None) -> dict[str, list[tuple[float, float]]]:
+def curves_from_losses(losses: Sequence[float], logging_steps: int | None = None) -> dict[str, list[tuple[float, float]]]:
     """Fallback when only training_metrics.json's `train_losses` is known: x is the log index
     (times logging_steps when it is known)."""
     scale = logging_steps or 1
     return {"loss": [(float(i * scale), float(v)) for i, v in enumerate(losses)]}
 
 
-def _mean(xs: Sequence[float]) -> Optional[float]:
+def _mean(xs: Sequence[float]) -> float | None:
     return sum(xs) / len(xs) if xs else None
 
 
@@ -93,7 +79,7 @@ def _mean(xs: Sequence[float]) -> Optional[float]:
 # --------------------------------------------------------------------------------------
 
 def plot_training_curves(curves: Mapping[str, Sequence[tuple[float, float]]], path, *, x_label: str = "step",
-                         title: Optional[str] = None) -> Optional[Path]:
+                         title: str | None = None) -> Path | None:
     """Three panels: loss, reward accuracy, rewards (margin, chosen, rejected). None when there is no data."""
     if not any(curves.get(k) for k in (*CURVE_KEYS, *(f"eval_{k}" for k in CURVE_KEYS))):
         return None
@@ -128,7 +114,7 @@ def plot_training_curves(curves: Mapping[str, Sequence[tuple[float, float]]], pa
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return _save_png(fig, path)
 
 
 def plot_accuracy(metrics: Mapping, path) -> Path:
@@ -157,10 +143,10 @@ def plot_accuracy(metrics: Mapping, path) -> Path:
     ax.legend(fontsize=8, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return _save_png(fig, path)
 
 
-def plot_lengths(base_lengths: Sequence[int], dpo_lengths: Sequence[int], path, *, max_new_tokens: Optional[int] = None) -> Path:
+def plot_lengths(base_lengths: Sequence[int], dpo_lengths: Sequence[int], path, *, max_new_tokens: int | None = None) -> Path:
     """Overlaid histograms of response lengths (new tokens before EOS), with the means marked."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -179,7 +165,7 @@ def plot_lengths(base_lengths: Sequence[int], dpo_lengths: Sequence[int], path, 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    return _save_atomic(fig, path)
+    return _save_png(fig, path)
 
 
 # --------------------------------------------------------------------------------------
@@ -199,7 +185,7 @@ def _block(text: str) -> str:
     return f"```text\n{safe}\n```"
 
 
-def length_bias_note(data: Optional[Mapping]) -> Optional[str]:
+def length_bias_note(data: Mapping | None) -> str | None:
     """When one side of the pairs is usually longer, the sum log-prob accuracy mostly measures length: say so."""
     if not data or data.get("chosen_longer_fraction") is None:
         return None
@@ -212,8 +198,8 @@ def length_bias_note(data: Optional[Mapping]) -> Optional[str]:
             "mostly measures length; the per-token accuracy and the reward accuracy isolate the learned preference.")
 
 
-def render_markdown(results: Mapping, *, plots: Mapping[str, Optional[str]], training: Optional[Mapping] = None,
-                    json_name: Optional[str] = None) -> str:
+def render_markdown(results: Mapping, *, plots: Mapping[str, str | None], training: Mapping | None = None,
+                    json_name: str | None = None) -> str:
     """The report text. `plots` maps curves/accuracy/lengths to paths relative to the report (or None)."""
     m, cfg = results["metrics"], results.get("config", {})
     base, dpo, rel = m["Base"], m["DPO"], m["dpo_vs_base"]
