@@ -18,7 +18,7 @@ from typing import Optional
 
 from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.train.reference import REFERENCE_CHOICES  # the planner's words for where the reference lives
-from dpo_dist.util.errors import ArgumentError, UserError
+from dpo_dist.util.errors import ArgumentError
 from dpo_dist.train.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
 
 

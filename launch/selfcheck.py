@@ -33,12 +33,12 @@ from pathlib import Path
 from typing import Optional
 
 from dpo_dist.backend import twin_requested
+from dpo_dist.model.loader import hub_offline
 from dpo_dist.util.layout import METRICS_FILE
 from launch.cards import available_cards
 from launch.command.quoting import check_no_control
 from launch.doctor import collect_checks, render_checks
 from launch.plan import PUBLISHED_DPO_BASELINES, load_spec
-from launch.plan.specs import _offline  # one rule for "offline"
 
 REPORT = "selfcheck.md"
 TINY_STEPS = 20
@@ -124,7 +124,7 @@ def judge(rc: int, metrics: Optional[dict], merged: bool) -> list[str]:
 
 
 def _hub_reachable(model: str) -> tuple[bool, str]:
-    if _offline():
+    if hub_offline():
         return False, "HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is set"
     try:
         from huggingface_hub import HfApi

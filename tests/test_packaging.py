@@ -7,7 +7,6 @@ import importlib.metadata
 import os
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 

@@ -27,29 +27,37 @@ def family_of(model_type: str) -> str:
     return model_type
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or os.sep == "\\" and "\\" in name
+def looks_like_path(name: str) -> bool:
+    """A model name that means a local path rather than a hub id (`org/name`): it starts with /, ./, ../, ~ or .,
+    names something that exists, has more than one slash, or uses Windows separators."""
+    return (name.startswith(("/", "./", "../", "~", ".")) or os.path.exists(os.path.expanduser(name))
+            or name.count("/") > 1 or (os.sep == "\\" and "\\" in name))
 
 
-def _check_source(name: str, flag: str) -> str:
+def check_source(name: str, flag: str, *, model: bool = True, error: type[Exception] = ModelLoadError,
+                 fix: str = "Check the path (it must be a folder with config.json).") -> str:
+    """The local folder `name` names (`~` expanded), or `name` itself as a hub id. A folder that does not exist,
+    or (for a model) has no config.json, raises `error` naming `flag` and the fix. Only stat calls."""
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
-        if not (Path(expanded) / "config.json").exists() and flag == "--model_name_or_path":
-            raise ModelLoadError(f"{flag} {name}: the folder has no config.json, so it is not a Hugging Face model folder.")
+        if model and not (Path(expanded) / "config.json").exists():
+            raise error(f"{flag} {name}: the folder has no config.json, so it is not a Hugging Face model folder.")
         return expanded
-    if os.path.exists(expanded) or _looks_like_path(name):
-        raise ModelLoadError(f"{flag} {name}: no such model folder. Check the path (it must be a folder with config.json).")
+    if looks_like_path(name):
+        raise error(f"{flag} {name}: no such model folder. {fix}")
     return name
 
 
-def _offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is on: the hub is never asked."""
     return any(os.environ.get(k, "").strip().lower() in ("1", "on", "yes", "true")
                for k in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
 
 
-def _wrap_hub_error(e: Exception, name: str, flag: str) -> ModelLoadError:
+def hub_error(e: Exception, name: str, flag: str) -> ModelLoadError:
+    """A failed `from_pretrained` as an error that says what to do (download elsewhere, log in for gated models)."""
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    if _offline():
+    if hub_offline():
         cache = ("HF_HUB_OFFLINE=1 is set and it is not in the local Hugging Face cache, so the hub was not asked; "
                  "unset HF_HUB_OFFLINE where there is network, or")
     else:
@@ -64,26 +72,35 @@ def _wrap_hub_error(e: Exception, name: str, flag: str) -> ModelLoadError:
 def load_config(name: str, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
-    src = _check_source(name, "--model_name_or_path")
+    src = check_source(name, "--model_name_or_path")
     try:
         return AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise _wrap_hub_error(e, name, "--model_name_or_path") from e
+        raise hub_error(e, name, "--model_name_or_path") from e
+
+
+def load_tokenizer_from(name: str, flag: str, trust_remote_code: bool = False, *, need_eos: bool = False):
+    """AutoTokenizer with a pad token (EOS when it has none: Llama tokenizers ship without one, and DPO pads
+    chosen/rejected pairs). `need_eos`: a tokenizer without EOS is an error (generation could not stop)."""
+    from transformers import AutoTokenizer  # deferred: transformers loads torch
+
+    src = check_source(name, flag, model=False)
+    try:
+        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise hub_error(e, name, flag) from e
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    if need_eos and tok.eos_token_id is None:
+        raise UserError(f"{flag} {name}: the tokenizer has no EOS token, so a response cannot end; use the model's tokenizer.")
+    return tok
 
 
 def load_tokenizer(model_args):
-    from transformers import AutoTokenizer
-
+    """The ranks' tokenizer: --tokenizer_name_or_path, else the model's."""
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
-    src = _check_source(name, flag)
-    try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=model_args.trust_remote_code)
-    except Exception as e:
-        raise _wrap_hub_error(e, name, flag) from e
-    if tok.pad_token is None:  # Llama tokenizers ship without one; DPO pads chosen/rejected pairs.
-        tok.pad_token = tok.eos_token
-    return tok
+    return load_tokenizer_from(name, flag, model_args.trust_remote_code)
 
 
 def default_attn_implementation(family: str, device: str) -> str:
@@ -114,12 +131,38 @@ def load_model(model_args, *, device: str, bf16: bool, extra_kwargs: Optional[di
         "trust_remote_code": model_args.trust_remote_code,
     }
     kwargs.update(extra_kwargs or {})
-    src = _check_source(model_args.model_name_or_path, "--model_name_or_path")
+    src = check_source(model_args.model_name_or_path, "--model_name_or_path")
     try:
         model = AutoModelForCausalLM.from_pretrained(src, **kwargs)
     except Exception as e:
-        raise _wrap_hub_error(e, model_args.model_name_or_path, "--model_name_or_path") from e
+        raise hub_error(e, model_args.model_name_or_path, "--model_name_or_path") from e
     return model, family
+
+
+def load_eval_model(name: str, flag: str, *, device, trust_remote_code: bool = False,
+                    attn_implementation: str | None = None):
+    """A model to score or generate with (compare, generate): fp32, eval mode, on `device`, the family's attention.
+    Size-0 weights (a ZeRO-3 save without the 16-bit gather) are an error that names the merge step."""
+    import torch  # deferred: torch
+    from transformers import AutoConfig, AutoModelForCausalLM  # deferred: transformers loads torch
+
+    src = check_source(name, flag)
+    try:
+        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
+        family = family_of(config.model_type)
+        model = AutoModelForCausalLM.from_pretrained(
+            src, torch_dtype=torch.float32, trust_remote_code=trust_remote_code,
+            attn_implementation=attn_implementation or default_attn_implementation(family, device.type),
+        )
+    except Exception as e:
+        raise hub_error(e, name, flag) from e
+    if any(p.numel() == 0 for p in model.parameters()):
+        raise UserError(
+            f"{flag} {name}: some weights have size 0 (a ZeRO-3 save without the 16-bit gather); "
+            "merge the checkpoint with `python -m dpo_dist.merge` and pass the merged folder."
+        )
+    model.to(device).eval()
+    return model
 
 
 def lora_config(model_args, family: str):

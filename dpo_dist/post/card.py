@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from dpo_dist.post.sources import is_path_like
+from dpo_dist.model.loader import looks_like_path
 from dpo_dist.util.layout import METRICS_FILE
 from dpo_dist.util.logs import redact
 
@@ -31,7 +31,7 @@ def model_card(report: dict, metrics: dict | None) -> str:
     """The card's text, from the merge report and the run's training_metrics.json (None when there is none)."""
     lines = ["---", "library_name: transformers", "tags:", "- dpo", "- trl", "- dpo-dist"]
     base = report.get("base_model")
-    if base and not is_path_like(base) and base.count("/") == 1:
+    if base and not looks_like_path(base) and base.count("/") == 1:
         lines.append(f"base_model: {base}")
     lines += ["---", "", "# DPO fine-tuned model (merged by dpo-dist)", ""]
     lines.append(f"Merged with `python -m dpo_dist.merge` from a **{report['kind']}** input. Weights: "

@@ -36,17 +36,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from dpo_dist.args import ArgumentError, DataArguments, UserError
+from dpo_dist.args import DataArguments
+from dpo_dist.util.errors import ArgumentError, UserError
+from dpo_dist.util.hfargs import parse_dataclasses
 from dpo_dist.data.preference import load_preference_splits, with_bos
+from dpo_dist.model.loader import load_eval_model, load_tokenizer_from
 from dpo_dist.post.generate import (
     check_model_source,
     check_tokenizer_fits,
     check_tokenizer_source,
     encode_prompt,
     generate_responses,
-    load_causal_lm,
-    load_tokenizer_for,
-    parse,
     resolve_device,
     validate_sampling,
 )
@@ -372,7 +372,7 @@ def score_model(name: str, flag: str, *, args: CompareArguments, device, tokeniz
     """Load one model; score the pairs, generate for the prompts, and (DPO) draw the KL samples or (base)
     score them. The model is freed before returning."""
     t0 = time.perf_counter()
-    model = load_causal_lm(name, flag, device=device, trust_remote_code=args.trust_remote_code)
+    model = load_eval_model(name, flag, device=device, trust_remote_code=args.trust_remote_code)
     check_tokenizer_fits(tokenizer, model, flag, name)
     prompts_ids, chosen_ids, rejected_ids = pairs
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -411,7 +411,7 @@ def run(a: CompareArguments, t_start: float) -> dict:
     device = resolve_device(a.device)
     tok_name = a.tokenizer_name_or_path or a.base_model
     tok_flag = "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--base_model"
-    tokenizer = load_tokenizer_for(tok_name, tok_flag, a.trust_remote_code)
+    tokenizer = load_tokenizer_from(tok_name, tok_flag, a.trust_remote_code, need_eos=True)
 
     data_args = DataArguments(
         dataset_name=a.dataset_name, dataset_config=a.dataset_config, dataset_train_split=a.dataset_train_split,
@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     setup_logging()
     try:
-        a = parse(argv, CompareArguments, PROG)
+        (a,) = parse_dataclasses(CompareArguments, argv, prog=PROG)
         validate(a)
     except ArgumentError as e:
         print(f"dpo_dist.compare_base_vs_dpo: error: {e}", file=sys.stderr)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpo_dist.args import ArgumentError, UserError
+from dpo_dist.util.errors import ArgumentError, UserError
 
 
 class MergeError(UserError):

@@ -18,13 +18,15 @@ and are tokenised without special tokens, so the model sees exactly what TRL tra
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Optional, Sequence
 
-from dpo_dist.args import ArgumentError, UserError
+from dpo_dist.backend import detect_device
+from dpo_dist.model.loader import check_source, load_eval_model, load_tokenizer_from
+from dpo_dist.util.errors import ArgumentError, UserError
+from dpo_dist.util.logs import setup_logging
+from dpo_dist.util.hfargs import parse_dataclasses
 
 logger = logging.getLogger("dpo_dist.generate")
 
@@ -35,88 +37,27 @@ HH_HUMAN, HH_ASSISTANT = "\n\nHuman: ", "\n\nAssistant:"
 # Loading (shared with compare_base_vs_dpo)
 # --------------------------------------------------------------------------------------
 
-def check_model_source(name: Optional[str], flag: str) -> str:
-    """A local model folder must exist and hold config.json; anything else is taken as a hub id.
-    Raises ArgumentError naming `flag`. No I/O beyond stat calls."""
-    from dpo_dist.model.loader import ModelLoadError, _check_source
-
+def check_model_source(name: str | None, flag: str) -> str:
+    """A local model folder must exist and hold config.json; anything else is taken as a hub id. An ArgumentError
+    naming `flag` (exit 2). Only stat calls."""
     if not name:
         raise ArgumentError(f"{flag} is required: pass a hub id or a local model folder.")
-    try:
-        src = _check_source(name, flag)
-    except ModelLoadError as e:
-        raise ArgumentError(str(e)) from e
-    if os.path.isdir(src) and not (Path(src) / "config.json").exists():
-        raise ArgumentError(f"{flag} {name}: the folder has no config.json, so it is not a Hugging Face model folder.")
-    return src
+    return check_source(name, flag, error=ArgumentError)
 
 
 def check_tokenizer_source(name: str, flag: str) -> str:
     """Like check_model_source, but a tokenizer folder need not hold config.json."""
-    from dpo_dist.model.loader import ModelLoadError, _check_source
-
-    try:
-        return _check_source(name, flag)
-    except ModelLoadError as e:
-        raise ArgumentError(str(e)) from e
+    return check_source(name, flag, model=False, error=ArgumentError)
 
 
 def resolve_device(requested: str = "auto"):
     """torch.device for evaluation/generation; the backend module decides which accelerator exists."""
-    import torch
-
-    from dpo_dist.backend import detect_device
+    import torch  # deferred: torch
 
     device = detect_device(requested)
     if device == "hpu":
         import habana_frameworks.torch.core  # noqa: F401,PLC0415 (registers the hpu device)
     return torch.device(device)
-
-
-def load_tokenizer_for(name: str, flag: str, trust_remote_code: bool = False):
-    """AutoTokenizer with a pad token (EOS when the tokenizer has none), errors in modeling.py's style."""
-    from transformers import AutoTokenizer
-
-    from dpo_dist.model.loader import _wrap_hub_error
-
-    src = check_tokenizer_source(name, flag)
-    try:
-        tok = AutoTokenizer.from_pretrained(src, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise _wrap_hub_error(e, name, flag) from e
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    if tok.eos_token_id is None:
-        raise UserError(f"{flag} {name}: the tokenizer has no EOS token, so a response cannot end; use the model's tokenizer.")
-    return tok
-
-
-def load_causal_lm(name: str, flag: str, *, device, trust_remote_code: bool = False, attn_implementation: Optional[str] = None):
-    """AutoModelForCausalLM.from_pretrained in fp32, eval mode, on `device`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from dpo_dist.model.loader import _wrap_hub_error, default_attn_implementation, family_of
-
-    src = check_model_source(name, flag)
-    try:
-        config = AutoConfig.from_pretrained(src, trust_remote_code=trust_remote_code)
-        family = family_of(config.model_type)
-        model = AutoModelForCausalLM.from_pretrained(
-            src,
-            torch_dtype=torch.float32,
-            attn_implementation=attn_implementation or default_attn_implementation(family, device.type),
-            trust_remote_code=trust_remote_code,
-        )
-    except Exception as e:
-        raise _wrap_hub_error(e, name, flag) from e
-    if any(p.numel() == 0 for p in model.parameters()):
-        raise UserError(
-            f"{flag} {name}: some weights have size 0 (a ZeRO-3 save without the 16-bit gather); "
-            "merge the checkpoint with `python -m dpo_dist.merge` and pass the merged folder."
-        )
-    model.to(device).eval()
-    return model
 
 
 def check_tokenizer_fits(tokenizer, model, flag: str, name: str) -> None:
@@ -274,23 +215,11 @@ def validate(a: GenerateArguments) -> None:
         raise ArgumentError("--greedy gives one sequence; drop --greedy or --num_return_sequences.")
 
 
-def parse(argv: Optional[list[str]], dataclass_type, prog: str):
-    from transformers import HfArgumentParser
-
-    parser = HfArgumentParser(dataclass_type, prog=prog)
-    args, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
-    if remaining:
-        raise ArgumentError(f"unknown arguments {remaining}; run `{prog} --help` for the list.")
-    return args
-
-
 def main(argv: Optional[list[str]] = None) -> int:
-    from dpo_dist.util.logs import setup_logging
-
     setup_logging()
     prog = "python -m dpo_dist.generate"
     try:
-        a = parse(argv, GenerateArguments, prog)
+        (a,) = parse_dataclasses(GenerateArguments, argv, prog=prog)
         validate(a)
     except ArgumentError as e:
         print(f"dpo_dist.generate: error: {e}", file=sys.stderr)
@@ -299,8 +228,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         device = resolve_device(a.device)
         tok_name = a.tokenizer_name_or_path or a.model_name_or_path
         tok_flag = "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path"
-        tokenizer = load_tokenizer_for(tok_name, tok_flag, a.trust_remote_code)
-        model = load_causal_lm(a.model_name_or_path, "--model_name_or_path", device=device, trust_remote_code=a.trust_remote_code)
+        tokenizer = load_tokenizer_from(tok_name, tok_flag, a.trust_remote_code, need_eos=True)
+        model = load_eval_model(a.model_name_or_path, "--model_name_or_path", device=device, trust_remote_code=a.trust_remote_code)
         check_tokenizer_fits(tokenizer, model, "--model_name_or_path", a.model_name_or_path)
         prompt = hh_prompt(a.prompt) if a.hh_format else a.prompt
         (seqs,) = generate_responses(

@@ -47,7 +47,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_dist.args import ArgumentError
+from dpo_dist.util.errors import ArgumentError
+from dpo_dist.util.hfargs import parse_dataclasses
 from dpo_dist.post.card import model_card
 from dpo_dist.post.errors import MergeArgumentError, MergeError
 from dpo_dist.post.models import cast_params, load_for_merge, load_tokenizer
@@ -239,11 +240,8 @@ def merge_model(checkpoint, output, *, base_model: str | None = None, dtype: str
 # --------------------------------------------------------------------------------------------------
 
 def parse_args(argv: list[str] | None = None) -> MergeArguments:
-    from transformers import HfArgumentParser  # deferred: transformers takes seconds to import
-
-    parser = HfArgumentParser(MergeArguments, prog="python -m dpo_dist.merge",
-                              description="Gather ZeRO shards / merge LoRA, verify, and write a Hugging Face model folder atomically.")
-    (args,) = parser.parse_args_into_dataclasses(args=argv)
+    (args,) = parse_dataclasses(MergeArguments, argv, prog="python -m dpo_dist.merge", description=(
+        "Gather ZeRO shards / merge LoRA, verify, and write a Hugging Face model folder atomically."))
     return args
 
 
@@ -253,7 +251,11 @@ def _on_sigterm(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     setup_logging()
-    args = parse_args(argv)  # argparse: exit 2 with usage on bad flags
+    try:
+        args = parse_args(argv)  # argparse's own usage errors exit 2 with the usage
+    except ArgumentError as e:
+        print(f"dpo_dist.merge: error: {e}", file=sys.stderr)
+        return 2
     with contextlib.suppress(ValueError):  # not in the main thread
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:

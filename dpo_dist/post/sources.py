@@ -33,6 +33,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dpo_dist.model.loader import check_source
 from dpo_dist.post.errors import MergeArgumentError, MergeError
 from dpo_dist.util.layout import CHECKPOINT_PREFIX, METRICS_FILE
 
@@ -53,11 +54,6 @@ def read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def is_path_like(name: str) -> bool:
-    """A model name that means a local path (rather than a hub id)."""
-    return name.startswith(("/", "./", "../", "~", ".")) or os.path.exists(os.path.expanduser(name))
 
 
 def natural_step(p: Path) -> int:
@@ -321,15 +317,8 @@ def detect_source(checkpoint: Path) -> Source:
 # --------------------------------------------------------------------------------------------------
 
 def _check_base(name: str, flag: str) -> str:
-    expanded = os.path.expanduser(name)
-    if os.path.isdir(expanded):
-        if not (Path(expanded) / "config.json").exists():
-            raise MergeArgumentError(f"{flag} {name}: the folder has no config.json, so it is not a model folder.")
-        return expanded
-    if is_path_like(name) or name.count("/") > 1:
-        raise MergeArgumentError(f"{flag} {name}: no such model folder. Pass --base_model with the base model's "
-                                 "folder or hub id.")
-    return name
+    return check_source(name, flag, error=MergeArgumentError,
+                        fix="Pass --base_model with the base model's folder or hub id.")
 
 
 def resolve_base(base_model: str | None, source: Source) -> tuple[str | None, str]:

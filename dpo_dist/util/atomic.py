@@ -3,7 +3,7 @@
 Every file dpo-dist writes for a user (metrics, reports, configs, plots, caches) goes through
 `write_atomic`: a uniquely named temp file in the same folder, flushed and fsynced, then `os.replace`.
 A temp file is removed when anything fails, so an interrupted or refused write leaves what was there.
-Model folders go through `publish_folder`, which swaps a complete temp folder into place.
+Model folders go through `replace_folder`, which swaps a complete temp folder into place.
 (Written by hand: the standard library has the pieces, no library has the rule.)
 """
 

@@ -14,6 +14,8 @@ import importlib.util
 import sys
 from pathlib import Path
 
+from dpo_dist.util.errors import ArgumentError
+
 _PRIVATE_NAME = "dpo_dist_hf_argparser"
 
 
@@ -46,3 +48,14 @@ def hf_argument_parser():
     from transformers import HfArgumentParser  # heavy: transformers' package import loads torch
 
     return HfArgumentParser
+
+
+def parse_dataclasses(dataclass_types, argv: list[str] | None, *, prog: str, description: str | None = None) -> tuple:
+    """Parse `argv` into instances of `dataclass_types` (one dataclass or several). An unknown argument is an
+    ArgumentError naming it (exit 2 at the entry points), not a traceback; `--help` and argparse's own usage errors
+    exit as argparse does."""
+    parser = hf_argument_parser()(dataclass_types, prog=prog, description=description)
+    *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if remaining:
+        raise ArgumentError(f"unknown arguments {remaining}; run `{prog} --help` for the list.")
+    return tuple(parsed)

@@ -16,16 +16,16 @@ checked against the published parameter counts in tests/test_specs.py.
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterable, Mapping
 
+from dpo_dist.model.loader import hub_offline
+
 FAMILIES = ("llama", "gemma3")
 GEMMA3_SIZES = ("270m", "1b", "4b", "12b", "27b")
 LLAMA_SIZES = {"2": ("7b", "13b", "70b"), "3": ("8b", "70b"), "3.1": ("8b", "70b")}
-_TRUE = {"1", "on", "yes", "true"}
 
 
 class SpecError(ValueError):
@@ -276,13 +276,9 @@ def spec_from_config(config: Mapping, name: str, source: str = "local") -> Model
     )
 
 
-def _offline() -> bool:
-    return any(os.environ.get(v, "").strip().lower() in _TRUE for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
-
-
 def _hub_config(model: str, timeout_s: float = 5.0) -> dict | None:
     """config.json from the Hub, or None on any failure (offline, gated, 404, no network)."""
-    if _offline() or "/" not in model:
+    if hub_offline() or "/" not in model:
         return None
     try:
         from huggingface_hub import hf_hub_download
