@@ -349,6 +349,8 @@ def test_bad_arguments_exit_2(tmp_path):
 
     res = _cli("--checkpoint", tmp_path / "nope", "--output", tmp_path / "out", "--max_shard_size", "2GB")
     assert res.returncode == 2 and "no such folder" in res.stdout and "Traceback" not in res.stdout, res.stdout[-2000:]
+    res = _cli("--checkpoint", tmp_path / "nope", "--output", tmp_path / "out", "--frobnicate")
+    assert res.returncode == 2 and "unknown arguments ['--frobnicate']" in res.stdout and "Traceback" not in res.stdout
     (tmp_path / "empty").mkdir()
     with pytest.raises(MergeArgumentError, match="not a model folder"):
         merge_model(tmp_path / "empty", tmp_path / "out")
