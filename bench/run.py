@@ -90,7 +90,7 @@ def _run(argv, timeout, log: Path) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
             proc.wait()
-            raise RuntimeError(f"timed out after {timeout}s: see {log}")
+            raise RuntimeError(f"timed out after {timeout}s: see {log}") from None
     if rc != 0:
         raise RuntimeError(f"exit {rc}: {' '.join(map(str, argv))}\n{log.read_text()[-3000:]}")
 

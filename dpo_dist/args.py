@@ -14,25 +14,23 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field, fields
-from typing import Optional
 
-from dpo_dist.util.hfargs import hf_argument_parser
+from dpo_dist.train.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
 from dpo_dist.train.reference import REFERENCE_CHOICES  # the planner's words for where the reference lives
 from dpo_dist.util.errors import ArgumentError
-from dpo_dist.train.losses import LOSS_TYPES  # every loss type, on every backend (the engine computes the loss)
-
+from dpo_dist.util.hfargs import hf_argument_parser
 
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "Hub id or local folder of the model to align (required: there are no default models)."},
     )
-    tokenizer_name_or_path: Optional[str] = field(
+    tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer hub id or folder; defaults to the model's."}
     )
-    attn_implementation: Optional[str] = field(
+    attn_implementation: str | None = field(
         default=None,
         metadata={"help": "Attention implementation; default per family (eager for Gemma 3, sdpa otherwise)."},
     )
@@ -41,7 +39,7 @@ class ModelArguments:
     lora_r: int = field(default=16, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha."})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout."})
-    lora_target_modules: Optional[str] = field(
+    lora_target_modules: str | None = field(
         default=None,
         metadata={"help": "Comma-separated module names for LoRA; default per family (all attention and MLP projections)."},
     )
@@ -53,14 +51,14 @@ class DataArguments:
         default="Anthropic/hh-rlhf",
         metadata={"help": "Hub dataset name, or a local .json/.jsonl/.parquet file or folder."},
     )
-    dataset_config: Optional[str] = field(default=None, metadata={"help": "Dataset configuration / data_dir on the hub."})
+    dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration / data_dir on the hub."})
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split; carved from train when absent."})
     eval_fraction: float = field(
         default=0.05, metadata={"help": "Held-out fraction carved (seeded) from train when the dataset has no test split."}
     )
-    max_train_samples: Optional[int] = field(default=None, metadata={"help": "Keep at most this many training pairs."})
-    max_eval_samples: Optional[int] = field(default=200, metadata={"help": "Keep at most this many held-out pairs."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep at most this many training pairs."})
+    max_eval_samples: int | None = field(default=200, metadata={"help": "Keep at most this many held-out pairs."})
     overlong: str = field(
         default="truncate",
         metadata={"help": "Rows longer than max_length: 'truncate' (prompt left-truncated) or 'drop'.", "choices": ["truncate", "drop"]},
@@ -71,11 +69,11 @@ class DataArguments:
 class TrainArguments:
     output_dir: str = field(default="dpo_output", metadata={"help": "Where checkpoints, the model and metrics go."})
     overwrite_output_dir: bool = field(default=False, metadata={"help": "Allow writing into a non-empty output_dir."})
-    resume_from_checkpoint: Optional[str] = field(
+    resume_from_checkpoint: str | None = field(
         default=None, metadata={"help": "'latest' or a checkpoint folder to resume from."}
     )
     device: str = field(default="auto", metadata={"help": "auto, hpu, cuda or cpu.", "choices": ["auto", "hpu", "cuda", "cpu"]})
-    deepspeed: Optional[str] = field(default=None, metadata={"help": "DeepSpeed JSON config (see ds_configs/)."})
+    deepspeed: str | None = field(default=None, metadata={"help": "DeepSpeed JSON config (see ds_configs/)."})
     reference: str = field(
         default="auto",
         metadata={
@@ -98,7 +96,7 @@ class TrainArguments:
     max_steps: int = field(default=-1, metadata={"help": "Stop after this many optimizer steps (overrides epochs)."})
     max_length: int = field(default=512, metadata={"help": "Max tokens of prompt + response."})
     max_prompt_length: int = field(default=128, metadata={"help": "Max prompt tokens (left-truncated)."})
-    max_target_length: Optional[int] = field(
+    max_target_length: int | None = field(
         default=None, metadata={"help": "Max response tokens; default max_length - max_prompt_length."}
     )
     beta: float = field(default=0.1, metadata={"help": "DPO beta (strength of the KL penalty)."})
@@ -109,8 +107,8 @@ class TrainArguments:
     seed: int = field(default=42, metadata={"help": "Seed for data order, LoRA init and dropout."})
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
-    save_total_limit: Optional[int] = field(default=2, metadata={"help": "Keep at most N checkpoints."})
-    eval_steps: Optional[int] = field(default=None, metadata={"help": "Evaluate every N steps (default: only at the end)."})
+    save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: only at the end)."})
     report_to: str = field(default="none", metadata={"help": "HF report_to (none, tensorboard, wandb, ...)."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader workers per rank."})
     dist_timeout: int = field(
@@ -139,7 +137,7 @@ class TrainArguments:
                   "per row, attention stays inside each row), padded once to one of --length_buckets totals "
                   "(cpu/cuda; like TRL's padding_free without flash-attention 2, and with static shapes)."},
     )
-    ref_cache_dir: Optional[str] = field(
+    ref_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where --reference precomputed keeps reference log-probs (default "
                   "$DPO_DIST_CACHE/refcache or .cache/dpo-dist/refcache)."},
@@ -151,7 +149,7 @@ class TrainArguments:
                   "left out too."},
     )
     local_rank: int = field(default=-1, metadata={"help": "Set by the deepspeed launcher; leave it alone."})
-    gaudi_config_name: Optional[str] = field(
+    gaudi_config_name: str | None = field(
         default=None, metadata={"help": "HPU only: GaudiConfig hub id or file (default: built in)."}
     )
 
@@ -216,7 +214,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
         raise ArgumentError("--lora_r and --lora_alpha must be positive integers.")
 
 
-def _split_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     for i, a in enumerate(argv):
         if a == "--config":
             if i + 1 >= len(argv):
@@ -227,7 +225,7 @@ def _split_config_flag(argv: list[str]) -> tuple[Optional[str], list[str]]:
     return None, argv
 
 
-def parse_args(argv: Optional[list[str]] = None, dataclass_types=ARG_DATACLASSES):
+def parse_args(argv: list[str] | None = None, dataclass_types=ARG_DATACLASSES):
     """Parse argv (default sys.argv[1:]) into the argument dataclasses.
 
     A YAML recipe given with `--config` supplies defaults; explicit flags win.

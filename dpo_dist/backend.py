@@ -87,7 +87,7 @@ def _hpu_available() -> bool:
     if importlib.util.find_spec("habana_frameworks") is None:
         return False
     try:
-        import habana_frameworks.torch.hpu as hthpu  # noqa: PLC0415 (HPU only)
+        import habana_frameworks.torch.hpu as hthpu  # deferred: HPU only
 
         return bool(hthpu.is_available())
     except Exception:  # a broken Habana install is reported as "no HPU"
@@ -156,7 +156,7 @@ def peak_memory_bytes(backend: Backend) -> int:
 
         return int(torch.cuda.max_memory_allocated())
     if backend.device == "hpu":
-        import habana_frameworks.torch.hpu as hthpu  # noqa: PLC0415 (HPU only)
+        import habana_frameworks.torch.hpu as hthpu  # deferred: HPU only
 
         return int(hthpu.max_memory_allocated())
     # ru_maxrss is KiB on Linux, bytes on macOS.

@@ -19,14 +19,17 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from dpo_dist.backend import HPU_ZERO3_ENV, cleanup_shm_buffers
 from dpo_dist.train.reference import REFERENCE_CHOICES
 from dpo_dist.util.hfargs import hf_argument_parser
 from launch.cards import available_cards, hl_smi_count
 from launch.command.builder import (
-    CommandError, build_launch_command, format_command, render_command_sh, render_deepspeed_env,
+    CommandError,
+    build_launch_command,
+    format_command,
+    render_command_sh,
+    render_deepspeed_env,
 )
 from launch.command.hostfile import HostfileError, is_loopback, parse_hostfile
 from launch.doctor import run_doctor
@@ -46,20 +49,20 @@ class LaunchError(ValueError):
 
 @dataclass
 class PlanArguments:
-    model: Optional[str] = field(default=None, metadata={"help": "Hub id or local folder (required: no default models)."})
+    model: str | None = field(default=None, metadata={"help": "Hub id or local folder (required: no default models)."})
     hardware: str = field(default="gaudi2", metadata={"help": "gaudi2, gaudi3, cuda or cpu.", "choices": ["gaudi2", "gaudi3", "cuda", "cpu"]})
-    card_memory_gib: Optional[float] = field(default=None, metadata={"help": "Override the usable memory per card."})
+    card_memory_gib: float | None = field(default=None, metadata={"help": "Override the usable memory per card."})
     cards: int = field(default=8, metadata={"help": "Cards per node."})
     nodes: int = field(default=1, metadata={"help": "Nodes (or give --hostfile)."})
-    hostfile: Optional[str] = field(default=None, metadata={"help": "DeepSpeed hostfile: one 'host slots=N' per node."})
+    hostfile: str | None = field(default=None, metadata={"help": "DeepSpeed hostfile: one 'host slots=N' per node."})
     max_length: int = field(default=1024, metadata={"help": "Max tokens of prompt + response."})
     max_prompt_length: int = field(default=512, metadata={"help": "Max prompt tokens."})
     use_peft: bool = field(default=True, metadata={"help": "Train LoRA adapters (default)."})
     full: bool = field(default=False, metadata={"help": "Full fine-tuning instead of LoRA."})
-    zero_stage: Optional[int] = field(default=None, metadata={"help": "Force a ZeRO stage (0-3) instead of the planner's choice."})
+    zero_stage: int | None = field(default=None, metadata={"help": "Force a ZeRO stage (0-3) instead of the planner's choice."})
     reference: str = field(default="auto", metadata={"help": "auto, adapter, sharded, replicated or precomputed.",
                                                       "choices": list(REFERENCE_CHOICES)})
-    pair_tokens: Optional[str] = field(default=None, metadata={
+    pair_tokens: str | None = field(default=None, metadata={
         "help": "MEAN,MAX tokens per pair (chosen + rejected rows) of the training data, to size packed micro-batches "
                 "(cpu/cuda). Default: measured on the data named after `--` when it and the tokenizer are local."})
     json: bool = field(default=False, metadata={"help": "Print the plan as one JSON object."})
@@ -67,24 +70,24 @@ class PlanArguments:
 
 @dataclass
 class TrainArguments(PlanArguments):
-    run_dir: Optional[str] = field(default=None, metadata={"help": "Where plan.json, ds_config.json, command.sh and the output go."})
+    run_dir: str | None = field(default=None, metadata={"help": "Where plan.json, ds_config.json, command.sh and the output go."})
     dry_run: bool = field(default=False, metadata={"help": "Write the run dir and print the command; do not launch."})
     master_port: int = field(default=29500, metadata={"help": "Rendezvous port on the first node."})
     task: str = field(default="dpo", metadata={"help": "dpo or sft (the rank module to run).", "choices": ["dpo", "sft"]})
     launcher: str = field(default="auto", metadata={"help": "auto, deepspeed, torchrun or gaudi_spawn."})
-    env: Optional[str] = field(default=None, metadata={"help": "Comma-separated extra env var names for every node (.deepspeed_env)."})
+    env: str | None = field(default=None, metadata={"help": "Comma-separated extra env var names for every node (.deepspeed_env)."})
     ssh: bool = field(default=False, metadata={"help": "CPU multi-node: start the nodes over ssh with DeepSpeed's pdsh runner "
                                                        "(the Gaudi/CUDA default) instead of one local command per node (--no_ssh)."})
-    ssh_port: Optional[int] = field(default=None, metadata={"help": "sshd port on the nodes for the pdsh/ssh launch "
+    ssh_port: int | None = field(default=None, metadata={"help": "sshd port on the nodes for the pdsh/ssh launch "
                                                                     "(Habana containers use 3022)."})
 
 
 @dataclass
 class DoctorArguments:
-    hardware: Optional[str] = field(default=None, metadata={"help": "Expected hardware (gaudi2, gaudi3, cuda, cpu); detected if omitted.",
+    hardware: str | None = field(default=None, metadata={"help": "Expected hardware (gaudi2, gaudi3, cuda, cpu); detected if omitted.",
                                                             "choices": ["gaudi2", "gaudi3", "cuda", "cpu"]})
-    hostfile: Optional[str] = field(default=None, metadata={"help": "Check this hostfile's hosts are reachable."})
-    cards: Optional[int] = field(default=None, metadata={"help": "Cards per node you intend to use."})
+    hostfile: str | None = field(default=None, metadata={"help": "Check this hostfile's hosts are reachable."})
+    cards: int | None = field(default=None, metadata={"help": "Cards per node you intend to use."})
     ssh_port: int = field(default=22, metadata={"help": "ssh port probed on every hostfile host (Habana containers run sshd on 3022)."})
 
 
@@ -368,7 +371,7 @@ def cmd_selfcheck(argv) -> int:
 COMMANDS = {"plan": cmd_plan, "train": cmd_train, "doctor": cmd_doctor, "selfcheck": cmd_selfcheck}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(__doc__.strip())

@@ -42,9 +42,10 @@ import platform
 import shutil
 import socket
 import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional, Sequence, TextIO
+from typing import TextIO
 
 from dpo_dist.backend import TWIN_ENV, twin_requested
 from dpo_dist.util.logs import is_secret_name
@@ -105,7 +106,7 @@ def _release(version: str) -> tuple:
     return tuple(out)
 
 
-def version_status(installed: Optional[str], expected: str) -> str:
+def version_status(installed: str | None, expected: str) -> str:
     """ok / warn (another patch release) / fail (missing, or another major.minor).
 
     `expected` is "X.Y.Z" (exact, local suffixes such as +cpu ignored) or "X.Y.*"."""
@@ -121,7 +122,7 @@ def version_status(installed: Optional[str], expected: str) -> str:
     return WARN if have[:2] == want[:2] else FAIL
 
 
-def _installed(dist: str) -> Optional[str]:
+def _installed(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -130,7 +131,7 @@ def _installed(dist: str) -> Optional[str]:
         return None
 
 
-def _version_checks(kind: str, version_of: Callable[[str], Optional[str]], twin: bool = False) -> List[Check]:
+def _version_checks(kind: str, version_of: Callable[[str], str | None], twin: bool = False) -> list[Check]:
     sec = "versions"
     gaudi = kind == "hpu"
     pins = checked_pins(gaudi)
@@ -197,7 +198,7 @@ def _version_checks(kind: str, version_of: Callable[[str], Optional[str]], twin:
 # accelerator
 
 
-def _count_check(sec: str, what: str, visible: Optional[int], source: str, cards: Optional[int],
+def _count_check(sec: str, what: str, visible: int | None, source: str, cards: int | None,
                  unknown_fix: str) -> Check:
     if visible is None:
         return Check(sec, "visible cards", FAIL if cards else WARN, f"cannot count the visible {what}s ({source})",
@@ -212,7 +213,7 @@ def _count_check(sec: str, what: str, visible: Optional[int], source: str, cards
     return Check(sec, "visible cards", OK, f"{visible} {what}(s) visible ({source}){asked}")
 
 
-def _hpu_checks(environ: Mapping[str, str], cards: Optional[int], run_tool) -> List[Check]:
+def _hpu_checks(environ: Mapping[str, str], cards: int | None, run_tool) -> list[Check]:
     sec = "accelerator"
     checks = []
     lazy = environ.get("PT_HPU_LAZY_MODE")
@@ -270,7 +271,7 @@ def _hpu_checks(environ: Mapping[str, str], cards: Optional[int], run_tool) -> L
     return checks
 
 
-def _cuda_checks(environ: Mapping[str, str], cards: Optional[int], run_tool) -> List[Check]:
+def _cuda_checks(environ: Mapping[str, str], cards: int | None, run_tool) -> list[Check]:
     sec = "accelerator"
     out = run_tool(["nvidia-smi", "-L"])
     sources = []
@@ -294,7 +295,7 @@ def _cuda_checks(environ: Mapping[str, str], cards: Optional[int], run_tool) -> 
                          "check the driver with `nvidia-smi`, and in a container pass `--gpus all`")]
 
 
-def _cpu_checks(cards: Optional[int]) -> List[Check]:
+def _cpu_checks(cards: int | None) -> list[Check]:
     sec = "accelerator"
     try:
         cores = len(os.sched_getaffinity(0))
@@ -343,7 +344,7 @@ def _probe_host(host: str, port: int, timeout: float) -> dict:
                 # sshd speaks first ("SSH-2.0-OpenSSH_..."): a bare TCP accept could be a proxy or another service.
                 try:
                     banner = s.recv(256)
-                except (socket.timeout, OSError):
+                except (TimeoutError, OSError):
                     banner = b""
             result["reachable"] = True
             result["error"] = None
@@ -352,7 +353,7 @@ def _probe_host(host: str, port: int, timeout: float) -> dict:
             return result
         except ConnectionRefusedError:
             errors.append(f"{sockaddr[0]}: connection refused (nothing listens on port {port})")
-        except socket.timeout:
+        except TimeoutError:
             errors.append(f"{sockaddr[0]}: no answer within {timeout:g} s (host down or a firewall)")
         except OSError as e:
             errors.append(f"{sockaddr[0]}: {e.strerror or e}")
@@ -360,8 +361,8 @@ def _probe_host(host: str, port: int, timeout: float) -> dict:
     return result
 
 
-def _hostfile_checks(path: str, cards: Optional[int], kind: str, ssh_port: int, timeout: float,
-                     probe=_probe_host) -> List[Check]:
+def _hostfile_checks(path: str, cards: int | None, kind: str, ssh_port: int, timeout: float,
+                     probe=_probe_host) -> list[Check]:
     sec = "hostfile"
     try:
         hosts = parse_hostfile(Path(path), expected_slots=cards)
@@ -435,7 +436,7 @@ def _hostfile_checks(path: str, cards: Optional[int], kind: str, ssh_port: int, 
 # secrets
 
 
-def _secret_checks(environ: Mapping[str, str], multi: bool) -> List[Check]:
+def _secret_checks(environ: Mapping[str, str], multi: bool) -> list[Check]:
     sec = "secrets"
     checks = []
     names = [n for n in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") if environ.get(n)]
@@ -474,14 +475,14 @@ def _secret_checks(environ: Mapping[str, str], multi: bool) -> List[Check]:
 # driver
 
 
-def collect_checks(hardware: Optional[str] = None, hostfile: Optional[str] = None, cards: Optional[int] = None,
-                   environ: Optional[Mapping[str, str]] = None, ssh_port: int = DEFAULT_SSH_PORT,
-                   timeout: float = CONNECT_TIMEOUT_S, version_of: Callable[[str], Optional[str]] = _installed,
-                   run_tool: Callable[[Sequence[str]], Optional[str]] = run_tool) -> List[Check]:
+def collect_checks(hardware: str | None = None, hostfile: str | None = None, cards: int | None = None,
+                   environ: Mapping[str, str] | None = None, ssh_port: int = DEFAULT_SSH_PORT,
+                   timeout: float = CONNECT_TIMEOUT_S, version_of: Callable[[str], str | None] = _installed,
+                   run_tool: Callable[[Sequence[str]], str | None] = run_tool) -> list[Check]:
     """Every check, as data. Arguments as for `run_doctor`; `version_of` and `run_tool` are
     injectable for tests."""
     env: Mapping[str, str] = os.environ if environ is None else environ
-    checks: List[Check] = []
+    checks: list[Check] = []
     if hardware is None:
         kind, why = _detect_kind()
         checks.append(Check("setup", "hardware", INFO, f"not given; detected {kind} ({why}). Pass --hardware to be sure"))
@@ -554,9 +555,9 @@ def render_checks(checks: Sequence[Check]) -> str:
     return "\n".join(lines)
 
 
-def run_doctor(hardware: Optional[str] = None, hostfile: Optional[str] = None, cards: Optional[int] = None,
-               environ: Optional[Mapping[str, str]] = None, ssh_port: int = DEFAULT_SSH_PORT,
-               timeout: float = CONNECT_TIMEOUT_S, out: Optional[TextIO] = None) -> int:
+def run_doctor(hardware: str | None = None, hostfile: str | None = None, cards: int | None = None,
+               environ: Mapping[str, str] | None = None, ssh_port: int = DEFAULT_SSH_PORT,
+               timeout: float = CONNECT_TIMEOUT_S, out: TextIO | None = None) -> int:
     """Print the checklist; 0 if every required check passes, 1 otherwise.
 
     hardware: gaudi2 | gaudi3 | hpu | cuda | cpu, or None to detect it.

@@ -34,7 +34,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from optimum.habana.distributed import DistributedRunner  # noqa: PLC0415 (HPU only)
+    from optimum.habana.distributed import DistributedRunner  # deferred: HPU only
 
     command_list = [shlex.join([args.training_script, *args.training_script_args])]
     runner = DistributedRunner(

@@ -18,13 +18,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from dpo_dist.backend import twin_requested
-from dpo_dist.util.logs import redact
 from dpo_dist.tiny import ensure_tiny_assets
 from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.util.layout import METRICS_FILE
+from dpo_dist.util.logs import redact
 from dpo_dist.util.paths import REPO_ROOT
 from launch.plan import HARDWARE
 
@@ -36,14 +35,14 @@ PROMPT = "\n\nHuman: How do I get better at cooking pasta?\n\nAssistant:"
 
 @dataclass
 class PipelineArguments:
-    model: Optional[str] = field(default=None, metadata={"help": "Hub id or folder of the base model (required unless --demo)."})
+    model: str | None = field(default=None, metadata={"help": "Hub id or folder of the base model (required unless --demo)."})
     dataset_name: str = field(default="Anthropic/hh-rlhf", metadata={"help": "Preference data (hub name or local files)."})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "Where every step writes (default runs/sanity-<model>)."})
+    out_dir: str | None = field(default=None, metadata={"help": "Where every step writes (default runs/sanity-<model>)."})
     hardware: str = field(default="gaudi2", metadata={"help": "gaudi2, gaudi3, cuda or cpu.", "choices": ["gaudi2", "gaudi3", "cuda", "cpu"]})
     cards: int = field(default=1, metadata={"help": "Cards on this node."})
     recipe: str = field(default="default", metadata={"help": "Folder under recipes/ with sft.yaml and dpo.yaml."})
     full: bool = field(default=False, metadata={"help": "Full fine-tuning instead of LoRA."})
-    zero_stage: Optional[int] = field(default=None, metadata={"help": "Force a ZeRO stage instead of the planner's."})
+    zero_stage: int | None = field(default=None, metadata={"help": "Force a ZeRO stage instead of the planner's."})
     demo: bool = field(default=False, metadata={"help": "Built-in tiny Llama + generated hh-rlhf data, 2 CPU ranks, ZeRO-3."})
     skip_hw_check: bool = field(default=False, metadata={"help": "Do not run hl-smi before starting on Gaudi."})
 

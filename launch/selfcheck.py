@@ -30,7 +30,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from dpo_dist.backend import twin_requested
 from dpo_dist.model.loader import hub_offline
@@ -52,9 +51,9 @@ VERSIONS = ("optimum-habana", "habana-torch-plugin", "torch", "transformers", "a
 @dataclass
 class SelfcheckArguments:
     hardware: str = field(default="gaudi2", metadata={"help": "gaudi2 or gaudi3.", "choices": ["gaudi2", "gaudi3"]})
-    cards: Optional[int] = field(default=None, metadata={
+    cards: int | None = field(default=None, metadata={
         "help": "Cards for the all-cards runs (default: every visible card; in the Gaudi twin, 2)."})
-    out_dir: Optional[str] = field(default=None, metadata={"help": "Where runs and selfcheck.md go (a new folder)."})
+    out_dir: str | None = field(default=None, metadata={"help": "Where runs and selfcheck.md go (a new folder)."})
     steps: int = field(default=TINY_STEPS, metadata={"help": "Optimizer steps per tiny-model run."})
     hub_model: str = field(default=HUB_MODEL, metadata={"help": "The real model of the last run (skipped offline)."})
     skip_hub: bool = field(default=False, metadata={"help": "Do not try the hub model."})
@@ -97,7 +96,7 @@ def train_argv(run: Run, a: SelfcheckArguments, data: str, run_dir: Path, port: 
                    "--save_steps", "100000"]
 
 
-def expected_tokens_per_s_per_card(hardware: str, params: int) -> Optional[float]:
+def expected_tokens_per_s_per_card(hardware: str, params: int) -> float | None:
     """optimum-habana's published DPO throughput, per card, scaled to a model of ``params`` parameters (the same
     work per token: FLOPs per token grow with the parameter count)."""
     b = PUBLISHED_DPO_BASELINES.get(hardware)
@@ -106,7 +105,7 @@ def expected_tokens_per_s_per_card(hardware: str, params: int) -> Optional[float
     return b["pairs_per_s"] * b["tokens_per_pair"] / b["cards"] * b["params"] / params
 
 
-def judge(rc: int, metrics: Optional[dict], merged: bool) -> list[str]:
+def judge(rc: int, metrics: dict | None, merged: bool) -> list[str]:
     """Why a run did not pass (empty: it passed)."""
     problems = []
     if rc != 0:

@@ -15,9 +15,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional, Sequence
 
 from dpo_dist.util.logs import redact
 
@@ -30,7 +30,7 @@ _RANK_OK = re.compile(r"Process (\d+) exits successfully")  # the same launcher,
 _RANK_ENV = ("RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK")
 
 
-def _proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
+def _proc_stat(pid: int) -> tuple[str, int, int, int] | None:
     """(state, ppid, start time, exit status as waitpid reports it) from /proc/<pid>/stat; None if gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as fh:
@@ -42,7 +42,7 @@ def _proc_stat(pid: int) -> Optional[tuple[str, int, int, int]]:
     return rest[0], int(rest[1]), int(rest[19]), exit_status
 
 
-def _proc_rank(pid: int) -> Optional[int]:
+def _proc_rank(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/environ", "rb") as fh:
             env = dict(kv.split(b"=", 1) for kv in fh.read().split(b"\0") if b"=" in kv)
@@ -55,7 +55,7 @@ def _proc_rank(pid: int) -> Optional[int]:
     return None
 
 
-def _describe_status(status: Optional[int]) -> str:
+def _describe_status(status: int | None) -> str:
     if status is None:
         return "exit status unknown"
     if status & 0x7F:
@@ -78,9 +78,9 @@ class RankWatch:
     def __init__(self, roots: Sequence[int]):
         self.roots = set(roots)
         self.ranks: dict[int, tuple[int, int]] = {}  # pid -> (rank, start time)
-        self.ended: dict[int, tuple[int, Optional[int]]] = {}  # pid -> (poll number, exit status or None)
+        self.ended: dict[int, tuple[int, int | None]] = {}  # pid -> (poll number, exit status or None)
         self.polls = 0
-        self.failed_at: Optional[float] = None  # when a rank was first seen to have failed (a non-zero status)
+        self.failed_at: float | None = None  # when a rank was first seen to have failed (a non-zero status)
 
     def discover(self) -> None:
         children: dict[int, list[int]] = {}
@@ -118,7 +118,7 @@ class RankWatch:
                 if st[3] != 0 and self.failed_at is None:
                     self.failed_at = time.monotonic()
 
-    def first_failure(self, clean=()) -> Optional[tuple[list[int], Optional[int]]]:
+    def first_failure(self, clean=()) -> tuple[list[int], int | None] | None:
         """([rank] or the candidate ranks, exit status or None) of the rank that failed first. `clean`: pids
         the launcher reported as having exited 0 (they may have been reaped before a poll saw them)."""
         bad = {pid: e for pid, e in self.ended.items() if e[1] != 0 and pid not in clean}
@@ -128,7 +128,7 @@ class RankWatch:
         now = {pid: status for pid, (n, status) in bad.items() if n == first}
         reaped = [pid for pid, status in now.items() if status is None]
         if reaped:
-            now = {pid: None for pid in reaped}
+            now = dict.fromkeys(reaped)
         elif len(now) > 1:
             not_term = {pid: st for pid, st in now.items() if st & 0x7F != signal.SIGTERM}
             now = not_term or now
@@ -148,7 +148,7 @@ class RankWatch:
 @dataclass
 class SpawnResult:
     returncode: int
-    failed: Optional[str] = None  # which part failed, in words
+    failed: str | None = None  # which part failed, in words
     log_lines: list = field(default_factory=list)
 
 
@@ -194,7 +194,7 @@ def stop_all(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
-def _failure_message(watch: RankWatch, states: list[dict]) -> Optional[str]:
+def _failure_message(watch: RankWatch, states: list[dict]) -> str | None:
     code = next((st["code"] for st in states if st.get("code") is not None), None)
     found = watch.first_failure(clean=set().union(*(st.get("clean", set()) for st in states)))
     if found is None:
@@ -213,7 +213,7 @@ def _failure_message(watch: RankWatch, states: list[dict]) -> Optional[str]:
     return f"rank {' or rank '.join(map(str, ranks))} died first ({how}); the other ranks were stopped"
 
 
-def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Optional[Path] = None, cwd=None,
+def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Path | None = None, cwd=None,
           grace_s: float = 20.0, poll_s: float = 0.1, discover_s: float = 1.0,
           rank_failure_grace_s: float = 15.0) -> SpawnResult:
     """Run the node commands to completion. Returns 0 only if every one exits 0. When a rank dies, the

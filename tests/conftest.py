@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from dpo_dist.backend import cleanup_shm_buffers
-from tests.support.testing_utils import ROOT, cpu_env, free_port  # noqa: F401 (re-exported to the tests)
+from tests.support.testing_utils import ROOT, cpu_env, free_port
 
 PY = sys.executable
 
@@ -145,7 +145,7 @@ def zero3_run(tiny_assets, zero3_config, tmp_path_factory):
     return get
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def bench_row_lengths(n: int = 1000, max_length: int = 1024) -> list[tuple[int, int]]:
     """(chosen, rejected) row lengths (prompt + response + EOS) of the first n long-tailed bench pairs."""
     from transformers import AutoTokenizer

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import cpu_env, run_cmd, run_main
 from dpo_dist.args import parse_args, validate
-from dpo_dist.util.errors import ArgumentError
 from dpo_dist.data.preference import DataError, normalise, split_hh_transcript
+from dpo_dist.util.errors import ArgumentError
 
 H, A = "\n\nHuman:", "\n\nAssistant:"
 

@@ -76,9 +76,9 @@ def test_bucketed_batch_same_logps_and_loss(tiny_assets):
     from transformers import AutoTokenizer
     from trl.trainer.dpo_trainer import DPOTrainer
 
-    from dpo_dist.train.engine import EngineCollator, EngineConfig, build_rows
     from dpo_dist.model.logprobs import sequence_logps
     from dpo_dist.tiny import build_tiny_model
+    from dpo_dist.train.engine import EngineCollator, EngineConfig, build_rows
 
     tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
     model = build_tiny_model("llama", tok, seed=2).eval()

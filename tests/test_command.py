@@ -481,7 +481,7 @@ def _gaudi_spawn_join(words):
     # optimum-habana examples/gaudi_spawn.py (1.21-1.22), verbatim logic:
     #   argv = ['"{}"'.format(arg) if " " in arg and arg[0] != '"' and arg[-1] != '"' else arg for arg in sys.argv]
     #   command_list = [" ".join(argv)]   -> DistributedRunner.run(): Popen(shell=True, executable="/bin/bash")
-    return " ".join('"{}"'.format(a) if " " in a and a[0] != '"' and a[-1] != '"' else a for a in words)
+    return " ".join(f'"{a}"' if " " in a and a[0] != '"' and a[-1] != '"' else a for a in words)
 
 
 def _bash_words(line: str, cwd: Path):

@@ -249,8 +249,8 @@ def test_sigterm_to_the_launcher_is_forwarded_and_keeps_checkpoints(tmp_path, ti
 
 def test_dist_timeout_maps_to_ddp_timeout_and_is_validated():
     from dpo_dist.args import parse_args, validate
-    from dpo_dist.util.errors import ArgumentError
     from dpo_dist.train.trl_trainer import dpo_config_kwargs
+    from dpo_dist.util.errors import ArgumentError
 
     m, d, t = parse_args(["--model_name_or_path", "m"])
     assert t.dist_timeout == 1800
@@ -291,9 +291,9 @@ FAKE_LAUNCHER = textwrap.dedent("""
 
 @pytest.mark.parametrize("victim,inner", [(0, "deepspeed"), (2, "deepspeed"), (1, "stuck")])
 def test_spawn_names_the_rank_that_died(tmp_path, victim, inner):
-    from launch.spawn import spawn
-
     import threading
+
+    from launch.spawn import spawn
 
     script = tmp_path / "fake_launcher.py"
     script.write_text(FAKE_LAUNCHER)

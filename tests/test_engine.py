@@ -89,7 +89,7 @@ def test_static_shapes_equal_dynamic(tiny_assets, packing):
         buckets = [40, 70, 100] if packing else [8, 16]
         batch = EngineCollator(cfg, buckets)(ex)
         shapes = []
-        hook = model.lm_head.register_forward_hook(lambda m, i, o: shapes.append(tuple(i[0].shape)))
+        hook = model.lm_head.register_forward_hook(lambda m, i, o, shapes=shapes: shapes.append(tuple(i[0].shape)))
         with torch.no_grad():
             out[static] = forward_logps(model, batch, cfg)
         hook.remove()

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from launch.command.hostfile import HostEntry, HostfileError, main, parse_hostfile, parse_hostfile_text, validate_hostfile_cli
+from launch.command.hostfile import (
+    HostEntry,
+    HostfileError,
+    main,
+    parse_hostfile,
+    parse_hostfile_text,
+    validate_hostfile_cli,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 GAUDI_2X8 = REPO / "hostfiles" / "gaudi_2x8.txt"

@@ -14,7 +14,7 @@ import importlib.util
 import json
 import subprocess
 import sys
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import pytest
@@ -51,7 +51,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-@lru_cache(maxsize=None)
+@cache
 def _tree(rel: str) -> ast.Module:
     return ast.parse((OH_ROOT / rel).read_text(), filename=str(OH_ROOT / rel))
 
@@ -78,7 +78,7 @@ def _own_fields(cls: ast.ClassDef) -> set[str]:
     return {n.target.id for n in cls.body if isinstance(n, ast.AnnAssign) and isinstance(n.target, ast.Name)}
 
 
-@lru_cache(maxsize=None)
+@cache
 def dpo_trainer_params() -> frozenset[str]:
     init = _method(_class(str(DPO_TRAINER_REL), "GaudiDPOTrainer"), "__init__")
     a = init.args
@@ -87,7 +87,7 @@ def dpo_trainer_params() -> frozenset[str]:
     return frozenset(x.arg for x in a.posonlyargs + a.args + a.kwonlyargs if x.arg != "self")
 
 
-@lru_cache(maxsize=None)
+@cache
 def transformers_training_args_fields() -> frozenset[str]:
     import transformers
 
@@ -99,7 +99,7 @@ def transformers_training_args_fields() -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(transformers.TrainingArguments))
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaudi_training_args_fields() -> frozenset[str]:
     cls = _class("transformers/training_args.py", "GaudiTrainingArguments")
     assert _base_names(cls) == ["TrainingArguments"]
@@ -113,14 +113,14 @@ def gaudi_training_args_fields() -> frozenset[str]:
     return frozenset(_own_fields(cls) | transformers_training_args_fields())
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaudi_dpo_config_fields() -> frozenset[str]:
     cls = _class("trl/trainer/dpo_config.py", "GaudiDPOConfig")
     assert _base_names(cls) == ["GaudiTrainingArguments"]
     return frozenset(_own_fields(cls) | gaudi_training_args_fields())
 
 
-@lru_cache(maxsize=None)
+@cache
 def gaudi_config_keys() -> frozenset[str]:
     """Keys GaudiConfig.__init__(**kwargs) pops; any other key is silently ignored by it."""
     init = _method(_class("transformers/gaudi_configuration.py", "GaudiConfig"), "__init__")

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dpo_dist.train.engine import build_rows
 from dpo_dist.model.logprobs import reference_sequence_logps, sequence_logps
+from dpo_dist.train.engine import build_rows
 from launch.plan import HARDWARE, PlanOptions, estimate_memory, load_spec, make_plan
 
 

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import PY, ROOT, ZERO3_CHECKPOINT as CKPT, ZERO3_STEPS, cpu_env, run_main
+from conftest import PY, ROOT, ZERO3_STEPS, cpu_env, run_main
+from conftest import ZERO3_CHECKPOINT as CKPT
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")  # in-process DeepSpeed imports (zero_to_fp32) stay on CPU
 
@@ -65,7 +66,7 @@ def _batch(tiny_assets, family):
 
     tok = AutoTokenizer.from_pretrained(tiny_assets.model_dir(family))
     tok.pad_token = tok.pad_token or tok.eos_token
-    rows = [json.loads(l) for l in tiny_assets.test_file.read_text().splitlines()[:4]]
+    rows = [json.loads(line) for line in tiny_assets.test_file.read_text().splitlines()[:4]]
     return tok([r["chosen"] for r in rows], return_tensors="pt", padding=True, truncation=True, max_length=128)
 
 

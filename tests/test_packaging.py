@@ -11,7 +11,6 @@ import subprocess
 import pytest
 
 from conftest import ROOT
-
 from launch.pins import CPU_CHECKED, CPU_REQUIREMENTS, GAUDI_CHECKED, GAUDI_REQUIREMENTS, exact_pins, read_requirements
 
 HABANA_IMAGE_RE = re.compile(

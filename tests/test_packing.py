@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
-from dpo_dist.train.engine import build_rows, packed_logps
 from dpo_dist.model.logprobs import sequence_logps
 from dpo_dist.model.packing import pack_rows, register_varlen_attention, varlen_name
+from dpo_dist.train.engine import build_rows, packed_logps
 from launch.plan import HARDWARE, PlanOptions, estimate_memory, load_spec, make_plan, packed_tokens
 
 
@@ -116,7 +116,6 @@ def test_packed_padding_on_long_tail_bench_data(micro_batch):
     """The bench data: packed micro-batches padded to <= 8 bucket totals pad <= 10% (per-row buckets
     cannot go below ~18% on these 1000 rows: tests/test_bucketing.py)."""
     from conftest import bench_row_lengths
-
     from dpo_dist.data.bucketing import PackedBatchSampler, choose_buckets, padding_fraction
 
     pairs = [c + r for c, r in bench_row_lengths(1000)]

@@ -227,8 +227,8 @@ def _args(output_dir, value="latest"):
 
 
 def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
-    from dpo_dist.util.errors import ArgumentError
     from dpo_dist.util.checkpoint import checkpoint_problems, resolve_checkpoint
+    from dpo_dist.util.errors import ArgumentError
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     good = runs.out["full"]["B"] / CKPT

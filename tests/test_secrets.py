@@ -41,7 +41,7 @@ def find_leaks(token: str, root: Path) -> list[str]:
 def planted(tiny_assets, tmp_path_factory):
     token = "hf_PLANTED_" + secrets.token_hex(16)
     base = tmp_path_factory.mktemp("secrets")
-    env = cpu_env(**{name: token for name in SECRET_VARS}, HF_DATASETS_CACHE=base / "datasets_cache")
+    env = cpu_env(**dict.fromkeys(SECRET_VARS, token), HF_DATASETS_CACHE=base / "datasets_cache")
     hosts = base / "hosts"
     hosts.write_text("localhost slots=1\n127.0.0.1 slots=1\n")
     gaudi_hosts = base / "gaudi_hosts"

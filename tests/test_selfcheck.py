@@ -5,8 +5,15 @@ from pathlib import Path
 
 import pytest
 
-from launch.selfcheck import (PASS_ACCURACY, SelfcheckArguments, expected_tokens_per_s_per_card, judge,
-                              render_report, tiny_runs, train_argv)
+from launch.selfcheck import (
+    PASS_ACCURACY,
+    SelfcheckArguments,
+    expected_tokens_per_s_per_card,
+    judge,
+    render_report,
+    tiny_runs,
+    train_argv,
+)
 
 GOOD = {"first_train_loss": 0.6931, "last_train_loss": 0.40, "eval_reward_accuracy": 0.95, "steps": 20,
         "tokens_per_s_steady": 1500.0, "pairs_per_s_steady": 11.0, "batch_shapes": 8}

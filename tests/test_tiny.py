@@ -250,7 +250,7 @@ def test_concurrent_ranks_build_once(tmp_path, assets):
         for p in procs:
             if p.poll() is None:
                 p.kill()
-    for p, (out, err) in zip(procs, outs):
+    for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
     paths = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
     assert paths[0] == paths[1] and paths[0]["root"] == str(cache / "tiny-v1")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -74,14 +74,14 @@ def padding_fraction(lengths: Sequence[int], buckets: Sequence[int]) -> float:
     return 1.0 - real / padded if padded else 0.0
 
 
-def row_lengths(prompt_len: int, completion_len: int, max_length: Optional[int]) -> int:
+def row_lengths(prompt_len: int, completion_len: int, max_length: int | None) -> int:
     """Tokens of one row as TRL feeds it (prompt already truncated to max_prompt_length,
     completion to max_completion_length by tokenisation; keep_end truncation to max_length)."""
     n = prompt_len + completion_len
     return min(n, max_length) if max_length else n
 
 
-def pair_row_lengths(dataset, max_length: Optional[int]) -> tuple[list[int], list[int]]:
+def pair_row_lengths(dataset, max_length: int | None) -> tuple[list[int], list[int]]:
     """(chosen row lengths, rejected row lengths) of a TRL-tokenised dataset."""
     p = [len(x) for x in dataset["prompt_input_ids"]]
     c = [len(x) for x in dataset["chosen_input_ids"]]
@@ -218,7 +218,7 @@ class PackedBatchSampler:
         return out
 
 
-def fed_tokens(batch: dict, max_length: Optional[int]) -> int:
+def fed_tokens(batch: dict, max_length: int | None) -> int:
     """Tokens (real + padding) the policy forward is fed for one trl-0.22 batch.
 
     Packed batches: packed_pad_to. Bucketed batches: b·chosen_pad_to + b·rejected_pad_to. TRL's default: 2b rows of the width

@@ -11,10 +11,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from dpo_dist.util.errors import UserError
 from dpo_dist.data.bucketing import row_lengths
+from dpo_dist.util.errors import UserError
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +94,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
-def _load_raw(name: str, config: Optional[str]):
+def _load_raw(name: str, config: str | None):
     import datasets
 
     path = Path(os.path.expanduser(name))
@@ -133,7 +132,7 @@ def _load_raw(name: str, config: Optional[str]):
         ) from e
 
 
-def normalise(ds, split_name: str, source: Optional[str] = None):
+def normalise(ds, split_name: str, source: str | None = None):
     """Map a split to exactly prompt/chosen/rejected string columns. `source` (the --dataset_name) goes in errors."""
     where = f"--dataset_name {source}: " if source else ""
     cols = set(ds.column_names)

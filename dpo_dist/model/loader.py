@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
 
-from dpo_dist.util.errors import UserError
 from dpo_dist.model.lora import default_lora_targets
+from dpo_dist.util.errors import UserError
 
 
 class ModelLoadError(UserError):
@@ -110,7 +109,7 @@ def default_attn_implementation(family: str, device: str) -> str:
     return "sdpa"
 
 
-def load_model(model_args, *, device: str, bf16: bool, extra_kwargs: Optional[dict] = None, packing: bool = False):
+def load_model(model_args, *, device: str, bf16: bool, extra_kwargs: dict | None = None, packing: bool = False):
     """The causal LM at model_args.model_name_or_path. Under ZeRO-3 the caller has already built the
     training arguments, so `from_pretrained` partitions the weights as they load. ``packing``: the
     attention is dpo-dist's varlen wrapper around it (dpo_dist/model/packing.py), the same for unpacked calls."""

@@ -29,7 +29,6 @@ over the vocabulary at the completion positions) are computed exactly from the c
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional
 
 import torch
 
@@ -47,7 +46,7 @@ def default_chunk_tokens(vocab_size: int) -> int:
     return max(256, CHUNK_BYTES // (4 * max(1, vocab_size)))
 
 
-def _chunk_logps(lm_head, softcap: Optional[float], hidden: torch.Tensor, labels: torch.Tensor):
+def _chunk_logps(lm_head, softcap: float | None, hidden: torch.Tensor, labels: torch.Tensor):
     logits = lm_head(hidden)
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
@@ -56,8 +55,8 @@ def _chunk_logps(lm_head, softcap: Optional[float], hidden: torch.Tensor, labels
     return logp, logits.detach().sum(-1)
 
 
-def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *, softcap: Optional[float] = None,
-                chunk_tokens: Optional[int] = None, checkpoint: Optional[bool] = None, static: bool = False):
+def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *, softcap: float | None = None,
+                chunk_tokens: int | None = None, checkpoint: bool | None = None, static: bool = False):
     """Log-prob of ``labels`` [n] under ``softcap(lm_head(hidden))`` [n, V], chunked over n.
 
     Returns ``(logps [n] fp32, logit_sums [n] fp32 detached: the sum of the logits over V)``.
@@ -154,8 +153,8 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask, **forwar
 
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask, loss_mask: torch.Tensor, *,
-                   chunk_tokens: Optional[int] = None, seq_ids: Optional[torch.Tensor] = None,
-                   n_seqs: Optional[int] = None, static: bool = False, **forward_kwargs):
+                   chunk_tokens: int | None = None, seq_ids: torch.Tensor | None = None,
+                   n_seqs: int | None = None, static: bool = False, **forward_kwargs):
     """Per-sequence sums of log p(token_t | tokens_<t) over positions t with ``loss_mask[t]`` (t ≥ 1).
 
     A sequence is a row, or with ``seq_ids`` [B, T] (packed rows: dpo_dist/model/packing.py) the tokens

@@ -31,7 +31,6 @@ The packed log-probs equal the unpacked ones (forward and gradients: tests/test_
 from __future__ import annotations
 
 import sys
-from typing import Optional
 
 import torch
 
@@ -48,7 +47,7 @@ def varlen_name(base: str) -> str:
     return VARLEN_PREFIX + base
 
 
-def base_of(attn_implementation: Optional[str]) -> Optional[str]:
+def base_of(attn_implementation: str | None) -> str | None:
     """'sdpa' / 'eager' for a varlen name, None for any other implementation."""
     if attn_implementation and attn_implementation.startswith(VARLEN_PREFIX):
         return attn_implementation[len(VARLEN_PREFIX):]
@@ -129,7 +128,7 @@ def _row_segments(attention_mask):
     return torch.where(attention_mask.bool(), torch.zeros_like(own), own)
 
 
-def block_attention_mask(seg, *, dtype, sliding_window: Optional[int] = None, additive: bool = False):
+def block_attention_mask(seg, *, dtype, sliding_window: int | None = None, additive: bool = False):
     """[B, 1, T, T] mask from segment ids ``seg`` [B, T]: position q sees k when both have the same id and k <= q
     (and, with ``sliding_window``, q - k < window, as transformers' sliding layers). ``additive``: 0 where allowed
     and the dtype's minimum elsewhere (what attention adds to its scores); else 1 / 0 (what a model's own mask
@@ -145,7 +144,7 @@ def block_attention_mask(seg, *, dtype, sliding_window: Optional[int] = None, ad
     return allowed.to(dtype)
 
 
-def _sliding_window_of(model) -> Optional[int]:
+def _sliding_window_of(model) -> int | None:
     """The sliding window of a model with sliding-window layers (Gemma 3), else None."""
     cfg = causal_lm_parts(model)[0].config
     return cfg.sliding_window if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) else None
@@ -192,7 +191,7 @@ def packable(model) -> bool:
     return base_of(getattr(backbone.config, "_attn_implementation", None)) is not None
 
 
-def pack_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, pad_to: Optional[int] = None,
+def pack_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, pad_to: int | None = None,
               pad_value: int = 0) -> dict:
     """Rows laid out as ``build_rows`` gives them (real tokens first, then right padding), in
     order, packed into one row of ``max(total, pad_to)`` tokens.

@@ -32,13 +32,11 @@ import os
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 from dpo_dist.args import DataArguments
-from dpo_dist.util.errors import ArgumentError, UserError
-from dpo_dist.util.hfargs import parse_dataclasses
 from dpo_dist.data.preference import load_preference_splits, with_bos
 from dpo_dist.model.loader import load_eval_model, load_tokenizer_from
 from dpo_dist.post.generate import (
@@ -60,6 +58,8 @@ from dpo_dist.post.report import (
     render_markdown,
 )
 from dpo_dist.util.atomic import write_atomic, write_json_atomic
+from dpo_dist.util.errors import ArgumentError, UserError
+from dpo_dist.util.hfargs import parse_dataclasses
 from dpo_dist.util.layout import METRICS_FILE, TRAINER_STATE
 from dpo_dist.util.logs import setup_logging
 
@@ -240,8 +240,8 @@ def preference_metrics(chosen: Sequence[float], rejected: Sequence[float], chose
                        rejected_len: Sequence[int]) -> dict:
     """One model's view of the pairs: how often it puts chosen above rejected (ties are misses)."""
     n = len(chosen)
-    norm_c = [c / max(l, 1) for c, l in zip(chosen, chosen_len)]
-    norm_r = [r / max(l, 1) for r, l in zip(rejected, rejected_len)]
+    norm_c = [c / max(n_tok, 1) for c, n_tok in zip(chosen, chosen_len)]
+    norm_r = [r / max(n_tok, 1) for r, n_tok in zip(rejected, rejected_len)]
     return {
         "num_pairs": n,
         "preference_accuracy": sum(c > r for c, r in zip(chosen, rejected)) / n,
@@ -472,7 +472,7 @@ def run(a: CompareArguments, t_start: float) -> dict:
     import torch  # deferred: torch (loaded by now) is only needed for its version here
     import transformers  # deferred: as torch
 
-    config = {k: v for k, v in asdict(a).items()}
+    config = asdict(a)
     config.update(beta=beta, max_completion_length=a.max_completion_length, device=str(device),
                   report=None if a.no_report else str(a.report_path()),
                   versions={"torch": torch.__version__, "transformers": transformers.__version__})

@@ -19,14 +19,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from dpo_dist.backend import detect_device
 from dpo_dist.model.loader import check_source, load_eval_model, load_tokenizer_from
 from dpo_dist.util.errors import ArgumentError, UserError
-from dpo_dist.util.logs import setup_logging
 from dpo_dist.util.hfargs import parse_dataclasses
+from dpo_dist.util.logs import setup_logging
 
 logger = logging.getLogger("dpo_dist.generate")
 
@@ -56,7 +56,7 @@ def resolve_device(requested: str = "auto"):
 
     device = detect_device(requested)
     if device == "hpu":
-        import habana_frameworks.torch.core  # noqa: F401,PLC0415 (registers the hpu device)
+        import habana_frameworks.torch.core  # noqa: F401 (deferred, HPU only: registers the hpu device)
     return torch.device(device)
 
 
@@ -108,7 +108,7 @@ def generate_responses(
     seed: int = 42,
     num_return_sequences: int = 1,
     batch_size: int = 8,
-    max_prompt_length: Optional[int] = None,
+    max_prompt_length: int | None = None,
 ) -> list[list[dict]]:
     """Generate for each prompt; returns, per prompt, `num_return_sequences` dicts:
     `{"response": text, "num_tokens": n, "token_ids": [...], "prompt_ids": [...], "ended_with_eos": bool}`.
@@ -177,9 +177,9 @@ def generate_responses(
 
 @dataclass
 class GenerateArguments:
-    model_name_or_path: Optional[str] = field(default=None, metadata={"help": "Hub id or local model folder (required)."})
-    tokenizer_name_or_path: Optional[str] = field(default=None, metadata={"help": "Tokenizer; defaults to the model's."})
-    prompt: Optional[str] = field(default=None, metadata={"help": "Text to continue (required)."})
+    model_name_or_path: str | None = field(default=None, metadata={"help": "Hub id or local model folder (required)."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={"help": "Tokenizer; defaults to the model's."})
+    prompt: str | None = field(default=None, metadata={"help": "Text to continue (required)."})
     hh_format: bool = field(
         default=False, metadata={"help": "Wrap the prompt as '\\n\\nHuman: P\\n\\nAssistant:' (the hh-rlhf format DPO trained on)."}
     )
@@ -215,7 +215,7 @@ def validate(a: GenerateArguments) -> None:
         raise ArgumentError("--greedy gives one sequence; drop --greedy or --num_return_sequences.")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     setup_logging()
     prog = "python -m dpo_dist.generate"
     try:

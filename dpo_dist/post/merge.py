@@ -47,14 +47,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_dist.util.errors import ArgumentError
-from dpo_dist.util.hfargs import parse_dataclasses
 from dpo_dist.post.card import model_card
 from dpo_dist.post.errors import MergeArgumentError, MergeError
 from dpo_dist.post.models import cast_params, load_for_merge, load_tokenizer
 from dpo_dist.post.publish import clean_stale, make_temp, output_nonempty, publish, unlock
-from dpo_dist.post.sources import check_zero_files, detect_source, gather_zero, resolve_base, tensor_shapes, weight_files
+from dpo_dist.post.sources import (
+    check_zero_files,
+    detect_source,
+    gather_zero,
+    resolve_base,
+    tensor_shapes,
+    weight_files,
+)
 from dpo_dist.post.verify import TOLERANCES, logits, verify_batch, verify_folder
+from dpo_dist.util.errors import ArgumentError
+from dpo_dist.util.hfargs import parse_dataclasses
 from dpo_dist.util.layout import MERGE_REPORT
 from dpo_dist.util.logs import setup_logging
 

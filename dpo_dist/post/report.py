@@ -14,8 +14,8 @@ matplotlib runs on the Agg backend, so no display is needed.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Mapping, Sequence
 
 from dpo_dist.util.atomic import write_atomic
 
@@ -128,7 +128,7 @@ def plot_accuracy(metrics: Mapping, path) -> Path:
     ]
     fig, ax = plt.subplots(figsize=(8, 4.2))
     width = 0.36
-    for i, (label, b, d) in enumerate(groups):
+    for i, (_label, b, d) in enumerate(groups):
         for off, val, color, name in ((-width / 2, b, "C7", "Base"), (width / 2, d, "C0", "DPO")):
             bar = ax.bar(i + off, val, width, color=color, label=name if i == 0 else None)
             ax.bar_label(bar, labels=[f"{val:.2f}"], fontsize=9)

@@ -19,8 +19,8 @@ import shutil
 import socket
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 from dpo_dist.tiny.models import FAMILIES, build_tiny_model
 from dpo_dist.tiny.preferences import read_jsonl, write_preference_dataset

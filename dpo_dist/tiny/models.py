@@ -92,7 +92,7 @@ def build_tiny_model(family: str, tokenizer: PreTrainedTokenizerFast, size: str 
     The caller's torch RNG state is left untouched.
     """
     import torch  # deferred: torch
-    from transformers import GenerationConfig, Gemma3ForCausalLM, LlamaForCausalLM  # deferred: transformers
+    from transformers import Gemma3ForCausalLM, GenerationConfig, LlamaForCausalLM  # deferred: transformers
 
     config = tiny_config(family, tokenizer, size)
     cls = LlamaForCausalLM if family == "llama" else Gemma3ForCausalLM

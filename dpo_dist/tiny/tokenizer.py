@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # heavy imports stay lazy: the data side needs neither torch nor transformers
     from transformers import PreTrainedTokenizerFast

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-from typing import Optional
 
 from dpo_dist.util.errors import ArgumentError
 
 
-def read_ds_config(ds_config) -> Optional[dict]:
+def read_ds_config(ds_config) -> dict | None:
     """The --deepspeed config as a dict (a JSON file path, a JSON string or a dict); None without DeepSpeed."""
     if ds_config in (None, ""):
         return None

@@ -27,8 +27,8 @@ tests/test_losses.py: trl 0.22's dpo_loss).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
 
 from dpo_dist.data.bucketing import bucket_of, row_lengths
 from dpo_dist.train.losses import LENGTH_NORMALISED, dpo_losses
@@ -40,9 +40,9 @@ PACKING_ATTENTION = ("varlen", "block_mask")
 class EngineConfig:
     """What a DPO step needs to know, from the project's own arguments (no trainer attribute names)."""
 
-    max_length: Optional[int]
-    max_prompt_length: Optional[int]
-    max_completion_length: Optional[int]
+    max_length: int | None
+    max_prompt_length: int | None
+    max_completion_length: int | None
     pad_token_id: int
     loss_type: str = "sigmoid"
     beta: float = 0.1
@@ -74,7 +74,7 @@ class EngineConfig:
 # --------------------------------------------------------------------------- data
 
 
-def tokenize_pair(row: dict, tokenizer, max_prompt_length: Optional[int], max_completion_length: Optional[int]) -> dict:
+def tokenize_pair(row: dict, tokenizer, max_prompt_length: int | None, max_completion_length: int | None) -> dict:
     """trl 0.22's ``DPOTrainer.tokenize_row`` for decoder-only models: no special tokens added to the
     prompt (the data step puts BOS in the text), EOS appended to each completion, the prompt cut
     from the left, completions from the right."""
@@ -127,7 +127,7 @@ class EngineCollator:
     """
 
     cfg: EngineConfig
-    buckets: Optional[Sequence[int]] = None
+    buckets: Sequence[int] | None = None
 
     def __call__(self, examples):
         import torch
@@ -152,8 +152,8 @@ class EngineCollator:
 # --------------------------------------------------------------------------- forward
 
 
-def build_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, *, max_length: Optional[int],
-               truncation_mode: str = "keep_end", pad_to: Optional[int] = None, pad_value: int = 0):
+def build_rows(prompt_ids, prompt_mask, completion_ids, completion_mask, *, max_length: int | None,
+               truncation_mode: str = "keep_end", pad_to: int | None = None, pad_value: int = 0):
     """trl 0.22's row layout (``concatenated_forward``, decoder-only): prompt (left-padded) + completion
     (right-padded), truncated to max_length, flushed left; then right-padded to ``pad_to`` (a bucket length)
     when given. Right padding with attention 0 changes no log-prob of a causal LM. Returns (input_ids,
@@ -203,7 +203,7 @@ def _flush_right(mask, *tensors):
     return tuple(t.flip(1) for t in flipped)
 
 
-def _key_rows(batch: dict, key: str, cfg: EngineConfig, pad_to: Optional[int] = None):
+def _key_rows(batch: dict, key: str, cfg: EngineConfig, pad_to: int | None = None):
     """The chosen (or rejected) rows: prompt + that completion."""
     return build_rows(batch["prompt_input_ids"], batch["prompt_attention_mask"], batch[f"{key}_input_ids"],
                       batch[f"{key}_attention_mask"], max_length=cfg.max_length, truncation_mode=cfg.truncation_mode,
@@ -234,7 +234,7 @@ def _packed_from_batch(batch: dict, cfg: EngineConfig) -> dict:
     return packed
 
 
-def packed_logps(model, packed: dict, *, attention: str = "varlen", chunk_tokens: Optional[int] = None,
+def packed_logps(model, packed: dict, *, attention: str = "varlen", chunk_tokens: int | None = None,
                  **forward_kwargs):
     """``sequence_logps`` over one packed row (``packing.pack_rows``): one value per packed sequence."""
     from dpo_dist.model.logprobs import sequence_logps  # deferred: torch (ranks only)

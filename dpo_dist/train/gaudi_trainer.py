@@ -92,12 +92,12 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Any, Optional
+from typing import Any
 
 from dpo_dist.args import DataArguments, ModelArguments, TrainArguments
-from dpo_dist.util.errors import ArgumentError
-from dpo_dist.train.engine import tokenize_pair
 from dpo_dist.train.deepspeed import zero_stage_of
+from dpo_dist.train.engine import tokenize_pair
+from dpo_dist.util.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -249,7 +249,7 @@ def gaudi_model_config_overrides(is_reference: bool = False) -> dict:
 
 
 def gaudi_trainer_call_kwargs(*, training_args: Any, gaudi_config: Any, model: Any, ref_model: Any, tokenizer: Any,
-                              train_dataset: Any, eval_dataset: Any, peft_config: Any, callbacks: Optional[list],
+                              train_dataset: Any, eval_dataset: Any, peft_config: Any, callbacks: list | None,
                               data_collator: Any, model_args: ModelArguments, reference: str) -> dict:
     """The keywords ``build_gaudi_trainer`` gives ``GaudiDPOTrainer(...)``; checks the reference wiring."""
     if model_args.use_peft and peft_config is None:
@@ -319,10 +319,10 @@ def build_gaudi_training_args(model_args: ModelArguments, data_args: DataArgumen
                 "SynapseAI >= 1.21 defaults to eager. Set PT_HPU_LAZY_MODE=1 before Python starts (the dpo_dist "
                 "launcher does; backend.Backend.env lists the variables)."
             )
-    from optimum.habana import GaudiConfig  # noqa: PLC0415 (HPU only)
-    from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # noqa: PLC0415
-    from optimum.habana.trl import GaudiDPOConfig  # noqa: PLC0415
-    from optimum.habana.utils import set_seed  # noqa: PLC0415
+    from optimum.habana import GaudiConfig  # deferred: HPU only
+    from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # deferred: HPU only
+    from optimum.habana.trl import GaudiDPOConfig  # deferred: HPU only
+    from optimum.habana.utils import set_seed  # deferred: HPU only
 
     adapt_transformers_to_gaudi()
     training_args = GaudiDPOConfig(**gaudi_training_args_kwargs(model_args, data_args, train_args, reference=reference,
@@ -386,7 +386,7 @@ def build_gaudi_trainer(*, training_args, gaudi_config, model, ref_model, tokeni
     prompt / chosen / rejected. Note: GaudiTrainer sets ``training_args.bf16 = False`` in place when it takes
     over autocast (bf16 without DeepSpeed): read bf16 from train_args, not from training_args, afterwards.
     """
-    from optimum.habana.trl import GaudiDPOTrainer  # noqa: PLC0415 (HPU only)
+    from optimum.habana.trl import GaudiDPOTrainer  # deferred: HPU only
 
     kw = gaudi_trainer_call_kwargs(
         training_args=training_args, gaudi_config=gaudi_config, model=model, ref_model=ref_model,

@@ -32,7 +32,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Optional
+
 from dpo_dist.util.paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ def data_hash(dataset, columns=("prompt_input_ids", "chosen_input_ids", "rejecte
     return h.hexdigest()
 
 
-def cache_key(*, weights: str, train: str, eval_: Optional[str], settings: dict) -> str:
+def cache_key(*, weights: str, train: str, eval_: str | None, settings: dict) -> str:
     blob = json.dumps({"v": CACHE_VERSION, "weights": weights, "train": train, "eval": eval_, "settings": settings},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
@@ -192,8 +192,8 @@ def release_host_memory() -> None:
         pass
 
 
-def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: Optional[str] = None,
-                           batch_size: Optional[int] = None, bf16: bool = False) -> dict:
+def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: str | None = None,
+                           batch_size: int | None = None, bf16: bool = False) -> dict:
     """Attach cached (or freshly computed) reference log-probs to trainer.train/eval_dataset.
 
     ``load_model()`` returns a fresh reference model (only called on a miss). Returns

@@ -9,9 +9,9 @@ import subprocess
 import sys
 
 from dpo_dist.args import parse_args, validate
-from dpo_dist.util.errors import ArgumentError, UserError
 from dpo_dist.backend import cleanup_shm_buffers, global_rank
 from dpo_dist.util.checkpoint import check_output_dir
+from dpo_dist.util.errors import ArgumentError, UserError
 from dpo_dist.util.logs import setup_logging
 
 logger = logging.getLogger("dpo_dist")

@@ -77,9 +77,9 @@ def run(model_args, data_args, train_args, sft_args):
         data_args.dataset_train_split = sft_args.split
     max_len = sft_args.max_seq_length or train_args.max_length
     if backend.trainer_api == "gaudi":
-        from optimum.habana import GaudiConfig  # noqa: PLC0415 (HPU only)
-        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # noqa: PLC0415
-        from optimum.habana.trl import GaudiSFTConfig, GaudiSFTTrainer  # noqa: PLC0415
+        from optimum.habana import GaudiConfig  # deferred: HPU only
+        from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # deferred: HPU only
+        from optimum.habana.trl import GaudiSFTConfig, GaudiSFTTrainer  # deferred: HPU only
 
         adapt_transformers_to_gaudi()  # before any model loads (the twin's args do not call it)
         kw = gaudi_trainer.gaudi_training_args_kwargs(model_args, data_args, train_args, reference="adapter",

@@ -23,17 +23,22 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
-from dpo_dist.train import gaudi_trainer
-from dpo_dist.util.errors import ArgumentError
 from dpo_dist.data.bucketing import (
-    BucketBatchSampler, PackedBatchSampler, choose_buckets, fed_tokens, padding_fraction, pair_row_lengths,
+    BucketBatchSampler,
+    PackedBatchSampler,
+    choose_buckets,
+    fed_tokens,
+    padding_fraction,
+    pair_row_lengths,
 )
+from dpo_dist.train import gaudi_trainer
 from dpo_dist.train.deepspeed import zero_stage_of
 from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics
-from dpo_dist.train.reference import resolve_reference
 from dpo_dist.train.refcache import attach_reference_cache
+from dpo_dist.train.reference import resolve_reference
+from dpo_dist.util.errors import ArgumentError
 
 logger = logging.getLogger(__name__)
 
@@ -64,12 +69,12 @@ def engine_config(backend, train_args, pad_token_id: int) -> EngineConfig:
 class EngineTrainerMixin:
     """Mixed in front of either trainer class (DPOTrainer or GaudiDPOTrainer): DPO steps come from the engine."""
 
-    dpodist_engine: Optional[EngineConfig] = None  # None: the trainer's own forward and loss (trl 0.22 fallback)
-    dpodist_buckets: Optional[list] = None  # bucket lengths (or packed totals) of the training batches
+    dpodist_engine: EngineConfig | None = None  # None: the trainer's own forward and loss (trl 0.22 fallback)
+    dpodist_buckets: list | None = None  # bucket lengths (or packed totals) of the training batches
     real_tokens_seen: int = 0
     pairs_seen: int = 0
     fed_tokens_seen: int = 0  # real + padding tokens of the policy forwards (padding fraction)
-    shapes_seen: Optional[set] = None  # (static shapes) batch shapes met so far: a new one is a graph compile
+    shapes_seen: set | None = None  # (static shapes) batch shapes met so far: a new one is a graph compile
     new_shape_steps: int = 0  # micro-steps that met a new shape
     _dpodist_ref_cached_init: bool = False
 
@@ -203,7 +208,7 @@ class TrainingSetup:
     zero_stage: int
     reference: str
     gaudi_config: Any = None
-    model_load_kwargs: Optional[dict] = None
+    model_load_kwargs: dict | None = None
 
 
 def dpo_config_kwargs(model_args, data_args, train_args, *, reference: str) -> dict:

@@ -13,8 +13,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from dpo_dist.util.errors import ArgumentError
 from dpo_dist.backend import world_size as launched_world_size
+from dpo_dist.util.errors import ArgumentError
 from dpo_dist.util.layout import CHECKPOINT_PREFIX, TRAINER_STATE
 
 

@@ -12,12 +12,12 @@
 ``from launch.plan import make_plan, HARDWARE, PlanOptions, load_spec`` is the usual entry.
 """
 
+from dpo_dist.train.reference import REFERENCES
 from launch.plan.hardware import CALIBRATION_POINT, HARDWARE, PUBLISHED_DPO_BASELINES, Hardware
 from launch.plan.memory import estimate_memory, model_state_bytes, packed_layer_elements, packed_tokens
 from launch.plan.search import make_plan
 from launch.plan.specs import ModelSpec, SpecError, load_spec
 from launch.plan.speed import dpo_step_flops, mfu, step_time
-from dpo_dist.train.reference import REFERENCES
 from launch.plan.types import GIB, OFFLOADS, STAGES, Memory, Plan, PlanOptions, Suggestion, plan_to_dict
 
 __all__ = [

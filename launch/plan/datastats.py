@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 from dpo_dist.args import DataArguments, ModelArguments, TrainArguments, parse_args
 from dpo_dist.data.preference import load_preference_splits, pair_token_stats, with_bos
@@ -20,7 +19,7 @@ from dpo_dist.model.loader import load_tokenizer
 SAMPLE = 2000
 
 
-def _local(name: Optional[str]) -> bool:
+def _local(name: str | None) -> bool:
     return bool(name) and os.path.exists(os.path.expanduser(name))
 
 
@@ -64,5 +63,5 @@ def measure_pair_tokens(model: str, rank_args: list[str], *, max_length: int, ma
 
 @dataclass(frozen=True)
 class DataShape:
-    pair_tokens: Optional[tuple[float, float]]  # (mean, max) tokens per pair
-    train_pairs: Optional[int] = None
+    pair_tokens: tuple[float, float] | None  # (mean, max) tokens per pair
+    train_pairs: int | None = None

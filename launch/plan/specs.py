@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Iterable, Mapping
 
 from dpo_dist.model.loader import hub_offline
 
@@ -285,7 +285,7 @@ def _hub_config(model: str, timeout_s: float = 5.0) -> dict | None:
 
         path = hf_hub_download(repo_id=model, filename="config.json", etag_timeout=timeout_s)
         return json.loads(Path(path).read_text())
-    except Exception:  # noqa: BLE001 - any hub/network/auth/parse error means "not reachable"
+    except Exception:
         return None
 
 

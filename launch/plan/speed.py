@@ -16,10 +16,10 @@ it is calibrated: launch/plan/hardware.py. The score ranks options; the absolute
 
 from __future__ import annotations
 
+from dpo_dist.train.reference import REFERENCES
 from launch.plan.hardware import Hardware
 from launch.plan.memory import packed_tokens, precision_bytes
 from launch.plan.specs import ModelSpec
-from dpo_dist.train.reference import REFERENCES
 from launch.plan.types import PlanOptions
 
 TOKENS_HALF_EFFICIENCY = 512  # tokens per micro-step at which kernels reach half their peak efficiency

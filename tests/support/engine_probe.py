@@ -62,8 +62,8 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
 
     from dpo_dist.backend import BACKENDS, TWIN
     from dpo_dist.data.bucketing import choose_buckets, pair_row_lengths
-    from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics, tokenize_pair
     from dpo_dist.model.loader import load_model
+    from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics, tokenize_pair
 
     backend = TWIN if path == "hpu" else BACKENDS["cpu"]
     if sliding_window:

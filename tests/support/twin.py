@@ -29,7 +29,7 @@ def twin_env(**extra) -> dict:
     return env
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def twin_skip_reason() -> str | None:
     if not TWIN_PY.exists():
         return f"the Gaudi twin venv is missing ({TWIN_VENV}); `make setup-gaudi-twin` builds it (`make test` does)"

@@ -8,9 +8,9 @@ name fails here until someone decides which it is.
 from __future__ import annotations
 
 import ast
-import json
 import importlib
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -122,8 +122,8 @@ def test_twin_venv_holds_the_gaudi_pins_and_imports():
 
     from packaging.requirements import Requirement
 
-    from tests.support.testing_utils import ROOT
     from support.twin import TWIN_PY, twin_env, twin_skip_reason
+    from tests.support.testing_utils import ROOT
 
     if reason := twin_skip_reason():
         pytest.skip(reason)

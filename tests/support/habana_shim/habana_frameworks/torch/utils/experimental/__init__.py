@@ -1,7 +1,7 @@
 """Real: device queries. optimum-habana reads the device type at import time (its FP8 quantizer)."""
 
 
-class synDeviceType:  # noqa: N801 (the real name)
+class synDeviceType:
     """Real: SynapseAI's device type enum."""
 
     synDeviceGaudi = 1
