@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A throwaway sshd on loopback for tests/test_multinode_ssh.py: DeepSpeed's default pdsh/ssh
+# A throwaway sshd on loopback for tests/e2e/test_multinode_ssh.py: DeepSpeed's default pdsh/ssh
 # multi-node path, with two hostfile entries (localhost, 127.0.0.1) that are both this machine.
 #
 #   .ci/sshd_setup.sh            install openssh-server + pdsh if missing (apt, as root), start sshd, print what it did

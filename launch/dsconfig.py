@@ -10,7 +10,7 @@ on HPU, CUDA and CPU.
 (``reduce_bucket_size`` = h², ``stage3_prefetch_bucket_size`` = 0.9·h²,
 ``stage3_param_persistence_threshold`` = 10·h), so the file written next to a run states
 exactly what the planner sized the memory for. Hand-written because nothing maps a plan to
-a config; the parsing check is DeepSpeed's own ``DeepSpeedConfig`` (tests/test_dsconfig.py).
+a config; the parsing check is DeepSpeed's own ``DeepSpeedConfig`` (tests/launch/test_dsconfig.py).
 """
 
 from __future__ import annotations

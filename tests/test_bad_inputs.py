@@ -3,8 +3,8 @@ half-finished output and deletes nothing that was there before.
 
 Cases already covered elsewhere are not repeated here: a missing model argument, an unknown loss type, beta,
 learning rate, batch size and max_prompt_length >= max_length, and an existing non-empty output dir
-(tests/test_args_and_data.py); hostfile errors (tests/test_hostfile.py, tests/test_command.py); a merge with a
-missing shard (tests/test_merge.py); a corrupt or partial checkpoint on resume (tests/test_resume.py).
+(tests/dpo_dist/test_args_and_data.py); hostfile errors (tests/launch/command/test_hostfile.py, tests/launch/command/test_command.py); a merge with a
+missing shard (tests/e2e/test_merge.py); a corrupt or partial checkpoint on resume (tests/e2e/test_resume.py).
 
 Every case runs the entry's `main()` in the test process (conftest.run_main: the same code as the CLI, without a
 fresh interpreter's import time); the Makefile cases run make. Each test prints

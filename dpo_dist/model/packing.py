@@ -1,7 +1,7 @@
 """Packing: the 2b rows of a DPO micro-batch (b chosen, b rejected) in ONE row, no padding between them.
 
 Why: padding each row to one of K bucket lengths still pads ~12% on long-tailed hh-rlhf-like data
-(the best any 8 row lengths can do there; tests/test_bucketing.py). Packed back to back, a
+(the best any 8 row lengths can do there; tests/dpo_dist/data/test_bucketing.py). Packed back to back, a
 micro-batch pads only once, from its total to one of K bucket totals: a few % (bench/README.md).
 
 Hand-written, because no library has it for this case: TRL's ``padding_free`` flattens a batch
@@ -25,7 +25,7 @@ shape (a recompile on static-shape devices). Here:
   row is empty. The scores are computed for the whole T x T square: attention costs more than
   ``varlen``, the padding saved does not change.
 
-The packed log-probs equal the unpacked ones (forward and gradients: tests/test_packing.py).
+The packed log-probs equal the unpacked ones (forward and gradients: tests/dpo_dist/model/test_packing.py).
 """
 
 from __future__ import annotations

@@ -21,8 +21,8 @@ band for Gemma 3's local layers), so attention still stays inside each row. It c
 T x T scores of the packed row, which the planner counts.
 
 Hand-written because neither trainer exposes these seams in one shape; each piece is checked
-against the library it mirrors (tests/test_engine.py: trl 0.22's tokenize_row and collator,
-tests/test_losses.py: trl 0.22's dpo_loss).
+against the library it mirrors (tests/dpo_dist/train/test_engine.py: trl 0.22's tokenize_row and collator,
+tests/dpo_dist/train/test_losses.py: trl 0.22's dpo_loss).
 """
 
 from __future__ import annotations

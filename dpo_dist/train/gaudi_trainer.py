@@ -28,7 +28,7 @@ That also removes three trl 0.9.6 defects on this path: its ``concatenated_forwa
 
 Nothing from ``optimum``/``habana_frameworks`` is imported at module level: ``import optimum.habana``
 fails on a machine without ``habana_frameworks``, and the pure functions below are unit-tested on CPU
-against the real sources with ``ast`` (tests/test_hpu_adapter.py). ``build_gaudi_training_args`` and
+against the real sources with ``ast`` (tests/dpo_dist/train/test_gaudi_trainer.py). ``build_gaudi_training_args`` and
 ``build_gaudi_trainer`` import optimum-habana; the Gaudi twin (``backend.py``) runs them on CPU.
 
 Order on HPU::

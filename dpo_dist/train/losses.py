@@ -6,7 +6,7 @@ inherits trl 0.9.6's, which knows 10 and differs in details (metrics are not gat
 precomputed reference log-probs are read only when ``rpo_alpha`` is set). Computing the loss here,
 from the log-probs the engine produced, makes the list and the values the same on every backend.
 The formulas are trl 0.22's (``trl/trainer/dpo_trainer.py``, ``DPOTrainer.dpo_loss``, reverse-KL
-divergence, reference not free); ``tests/test_losses.py`` checks every type against trl 0.22's own
+divergence, reference not free); ``tests/dpo_dist/train/test_losses.py`` checks every type against trl 0.22's own
 ``dpo_loss`` on the same log-probs.
 
 Shapes: every log-prob argument is ``[b]`` (one value per pair). Returns per-pair losses ``[b]`` and

@@ -24,7 +24,7 @@ non-space text as a host (including `a;touch` and `$(id)`), and only warns (then
 locally) when the file is missing. optimum-habana's `DistributedRunner.process_hostfile` is
 stricter in the wrong way: it rejects comment lines. The format accepted here is a subset of
 what `fetch_hostfile` parses, and on every file we accept it gives the same hosts, slots and
-order (tests/test_hostfile.py checks that against the installed DeepSpeed).
+order (tests/launch/command/test_hostfile.py checks that against the installed DeepSpeed).
 
 Pure: no torch, no deepspeed, no network. `python -m launch.command.hostfile FILE [--cards N]` prints a
 summary or the error (exit 2).

@@ -3,7 +3,7 @@
 Hand-written: no library estimates *DPO* memory (policy + reference + two sequences per
 pair + fp32 logits) across ZeRO stages, offload and reference strategies. DeepSpeed's
 ``estimate_zero2/3_model_states_mem_needs_all_cold`` cover only the model states; they are
-the reference that ``model_state_bytes`` is tested against (tests/test_plan.py, within 5%).
+the reference that ``model_state_bytes`` is tested against (tests/launch/plan/test_plan.py, within 5%).
 Everything here is pure: no torch, no I/O.
 
 Memory per card (bytes; Ψ parameters, N data-parallel cards, p = 2 bytes in bf16, 4 in fp32)

@@ -3,7 +3,7 @@
 Hand-written on purpose: the planner must run without torch/transformers, so it cannot
 instantiate a model (``accelerate.init_empty_weights`` would need torch) to count
 parameters. The counts below are exact for the two supported decoder families and are
-checked against the published parameter counts in tests/test_specs.py.
+checked against the published parameter counts in tests/launch/plan/test_specs.py.
 
 ``load_spec(model)`` resolves, in order:
   1. a local folder with ``config.json`` (LlamaConfig, Gemma3TextConfig, or a multimodal

@@ -8,7 +8,7 @@ FusedSDPA through ``use_flash_attention``), static shapes, packed rows through a
 is trl 0.22's side: plain transformers models, per-row (varlen) packing, dynamic shapes. Both tokenise and collate
 the same rows with the engine. Each variant (rows padded to the longest, rows padded to buckets, packed) gives the
 chosen/rejected log-probs, the DPO loss against fixed reference log-probs, and the gradient of that loss per
-parameter; tests/twin/test_engine_equality.py compares them across paths and variants.
+parameter; tests/e2e/twin/test_engine_equality.py compares them across paths and variants.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ from dataclasses import replace
 
 import pytest
 
+from conftest import ROOT
 from dpo_dist.args import ModelArguments
 from dpo_dist.backend import BACKENDS, TWIN
 from dpo_dist.model.loader import lora_config
@@ -549,5 +550,5 @@ def test_launch_imports_no_accelerator_stack():
     code = ("import sys, launch.plan, launch.plan.search, launch.dsconfig, launch.plan.report, launch.plan.datastats; "
             "print([m for m in ('torch', 'deepspeed', 'transformers', 'rich') if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                         cwd=ROOT)
     assert out.stdout.strip() == "[]"

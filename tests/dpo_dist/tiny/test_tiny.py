@@ -10,17 +10,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-if str(REPO) not in sys.path:
-    sys.path.insert(0, str(REPO))
-
-from dpo_dist import tiny  # noqa: E402
-from dpo_dist.tiny import (  # noqa: E402
+from conftest import ROOT
+from dpo_dist import tiny
+from dpo_dist.tiny import (
     ASSISTANT_TAG,
     HUMAN_TAG,
     ensure_tiny_assets,
@@ -31,7 +27,7 @@ from dpo_dist.tiny import (  # noqa: E402
     verify_cache,
     write_preference_dataset,
 )
-from dpo_dist.tiny.assets import _is_complete  # noqa: E402
+from dpo_dist.tiny.assets import _is_complete
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +232,7 @@ _RACER = textwrap.dedent("""
 
 def test_concurrent_ranks_build_once(tmp_path, assets):
     cache = tmp_path / "cache"
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     procs = [subprocess.Popen([sys.executable, "-c", _RACER, str(cache), str(i)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     try:
@@ -262,7 +258,7 @@ def test_concurrent_ranks_build_once(tmp_path, assets):
 
 
 def test_cli_prints_paths(assets):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = subprocess.run([sys.executable, "-m", "dpo_dist.tiny", "--cache_dir", str(assets.root.parent)],
                          env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     paths = json.loads(out)["tiny"]
@@ -273,4 +269,4 @@ def test_default_cache_dir(monkeypatch, tmp_path):
     monkeypatch.setenv("DPO_DIST_CACHE", str(tmp_path / "c"))
     assert tiny.default_cache_dir() == tmp_path / "c"
     monkeypatch.delenv("DPO_DIST_CACHE")
-    assert tiny.default_cache_dir() == REPO / ".cache" / "dpo-dist"
+    assert tiny.default_cache_dir() == ROOT / ".cache" / "dpo-dist"

@@ -5,10 +5,10 @@ import dataclasses
 import json
 import os
 import types
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from launch.dsconfig import TEMPLATE_DIR, build_ds_config, template_name, write_ds_config
 from launch.plan import HARDWARE, PlanOptions, load_spec, make_plan
 
@@ -72,7 +72,7 @@ def _autos(node, prefix=""):
 # --------------------------------------------------------------------------- #
 
 def test_templates_exist_and_are_hf_ready():
-    assert TEMPLATE_DIR == Path(__file__).resolve().parent.parent / "ds_configs"
+    assert TEMPLATE_DIR == ROOT / "ds_configs"
     for name in TEMPLATES:
         cfg = json.loads((TEMPLATE_DIR / name).read_text())
         assert "optimizer" not in cfg and "scheduler" not in cfg, name  # the HF Trainer builds them

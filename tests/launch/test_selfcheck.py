@@ -1,5 +1,5 @@
 """The selfcheck's pure parts: which runs it makes, how it judges a run and what the report says. The runs
-themselves go end to end in the Gaudi twin (tests/twin/test_twin_launch.py)."""
+themselves go end to end in the Gaudi twin (tests/e2e/twin/test_twin_launch.py)."""
 
 from pathlib import Path
 

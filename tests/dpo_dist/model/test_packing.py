@@ -114,7 +114,7 @@ def test_packed_sampler_seeded_distributed_balanced():
 @pytest.mark.parametrize("micro_batch", [2, 8])
 def test_packed_padding_on_long_tail_bench_data(micro_batch):
     """The bench data: packed micro-batches padded to <= 8 bucket totals pad <= 10% (per-row buckets
-    cannot go below ~18% on these 1000 rows: tests/test_bucketing.py)."""
+    cannot go below ~18% on these 1000 rows: tests/dpo_dist/data/test_bucketing.py)."""
     from conftest import bench_row_lengths
     from dpo_dist.data.bucketing import PackedBatchSampler, choose_buckets, padding_fraction
 

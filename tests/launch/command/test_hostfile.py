@@ -9,10 +9,10 @@ from __future__ import annotations
 import collections
 import json
 import os
-from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from launch.command.hostfile import (
     HostEntry,
     HostfileError,
@@ -22,7 +22,7 @@ from launch.command.hostfile import (
     validate_hostfile_cli,
 )
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 GAUDI_2X8 = REPO / "hostfiles" / "gaudi_2x8.txt"
 LOOPBACK = REPO / "hostfiles" / "cpu_loopback_2x1.txt"
 

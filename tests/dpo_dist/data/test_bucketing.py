@@ -40,7 +40,7 @@ def test_padding_on_long_tail_bench_data():
     assert len(buckets) <= 8
     # The DP is exact, so this is the least padding ANY 8 row lengths give on this data: ~18%.
     # The "<= 10% with <= 8 shapes" is out of reach for per-row padding here: packing the rows
-    # of a micro-batch into one padded row reaches it (tests/test_packing.py); 16 buckets do too.
+    # of a micro-batch into one padded row reaches it (tests/dpo_dist/model/test_packing.py); 16 buckets do too.
     assert frac <= 0.19, (frac, buckets)
     assert padding_fraction(lengths, choose_buckets(lengths, 16)) <= 0.10
     # TRL's default (random batches of 8 pairs, every row padded to the batch's longest) pads far more.

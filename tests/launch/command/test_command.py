@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import ROOT
 from dpo_dist.util.logs import is_secret_name
 from launch.command.builder import (
     CommandError,
@@ -35,7 +36,7 @@ from launch.command.quoting import PDSH_SAFE_CHARS, QuotingError, check_reshell_
 from launch.doctor import is_loopback as doctor_is_loopback
 from launch.gaudi_spawn import parse_args
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = ROOT
 GAUDI_2X8 = REPO / "hostfiles" / "gaudi_2x8.txt"
 LOOPBACK = REPO / "hostfiles" / "cpu_loopback_2x1.txt"
 PLANTED = "hf_PLANTEDtokenVALUE0123456789abcdef"
