@@ -54,6 +54,8 @@ class Backend:
     ddp_without_deepspeed: bool = False
     # Keywords for every model forward: optimum-habana's Gaudi attention takes FusedSDPA only when asked.
     forward_kwargs: dict = field(default_factory=dict)
+    # Set on every rank of a ZeRO-3 plan (values already in the environment win): Habana's large-model memory flags.
+    zero3_env: dict = field(default_factory=dict)
     # The variable that lists the cards a process may use ("0,1,2", unset or "all": every card); None on CPU.
     visible_devices_env: str | None = None
     twin: bool = False  # the HPU path, run on CPU (see the module docstring)
@@ -70,7 +72,7 @@ class Backend:
 _HPU_ENGINE = dict(static_shapes=True, packing_attention="block_mask", forward_kwargs={"use_flash_attention": True})
 BACKENDS = {
     "hpu": Backend("hpu", "hccl", "hpu", "gaudi", ddp_without_deepspeed=True, visible_devices_env="HABANA_VISIBLE_DEVICES",
-                   **_HPU_ENGINE),
+                   zero3_env=HPU_ZERO3_ENV, **_HPU_ENGINE),
     "cuda": Backend("cuda", "nccl", "cuda", "trl", visible_devices_env="CUDA_VISIBLE_DEVICES"),
     "cpu": Backend("cpu", "gloo", "cpu", "trl", fused_sdpa=False),
 }

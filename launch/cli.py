@@ -20,8 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dpo_dist.backend import HPU_ZERO3_ENV, cleanup_shm_buffers
+from dpo_dist.backend import cleanup_shm_buffers
 from dpo_dist.train.reference import REFERENCE_CHOICES
+from dpo_dist.util.atomic import write_atomic, write_json_atomic
 from dpo_dist.util.hfargs import hf_argument_parser
 from launch.cards import available_cards, hl_smi_count
 from launch.command.builder import (
@@ -303,30 +304,21 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None):
     run_dir.mkdir(parents=True, exist_ok=True)
     if ds_config is not None:
         write_ds_config(ds_config, ds_path)
-    _write_atomic(run_dir / "plan.json", json.dumps(plan_to_dict(plan), indent=2) + "\n")
-    _write_atomic(run_dir / "command.sh", command_sh, mode=0o755)
+    write_json_atomic(run_dir / "plan.json", plan_to_dict(plan))
+    write_atomic(run_dir / "command.sh", command_sh, mode=0o755)
     if deepspeed_env is not None:
-        _write_atomic(run_dir / ".deepspeed_env", deepspeed_env)
+        write_atomic(run_dir / ".deepspeed_env", deepspeed_env, mode=0o644)
     return plan, cmd, run_dir
 
 
 def plan_env(plan) -> dict:
     """Variables the plan needs on every rank (pure): Habana's ZeRO-3 memory flags for Gaudi ZeRO-3 plans."""
-    if HARDWARE[plan.hardware].device == "hpu" and plan.zero_stage == 3:
-        return dict(HPU_ZERO3_ENV)
-    return {}
+    return dict(HARDWARE[plan.hardware].backend.zero3_env) if plan.zero_stage == 3 else {}
 
 
 class NoFit(Exception):
     def __init__(self, plan):
         self.plan = plan
-
-
-def _write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.chmod(tmp, mode)
-    os.replace(tmp, path)
 
 
 def cmd_train(argv) -> int:

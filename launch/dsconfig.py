@@ -18,9 +18,9 @@ from __future__ import annotations
 import copy
 import json
 import os
-import tempfile
 from pathlib import Path
 
+from dpo_dist.util.atomic import write_json_atomic
 from dpo_dist.util.paths import REPO_ROOT
 from launch.plan import HARDWARE, Plan
 from launch.plan.specs import ModelSpec
@@ -90,17 +90,4 @@ def build_ds_config(plan: Plan, spec: ModelSpec) -> dict:
 
 def write_ds_config(cfg: dict, path: str | os.PathLike) -> Path:
     """Write ``cfg`` as JSON atomically (temp file in the same folder, then os.replace)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(cfg, indent=2, sort_keys=False) + "\n"  # serialise first: a bad cfg leaves no trace
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_json_atomic(path, cfg)

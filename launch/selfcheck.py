@@ -23,7 +23,6 @@ wrote a verified model folder. The exit status is 0 only when doctor and every r
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -33,6 +32,7 @@ from pathlib import Path
 
 from dpo_dist.backend import twin_requested
 from dpo_dist.model.loader import hub_offline
+from dpo_dist.util.atomic import write_atomic
 from dpo_dist.util.layout import METRICS_FILE
 from launch.cards import available_cards
 from launch.command.quoting import check_no_control
@@ -270,8 +270,6 @@ def run_selfcheck(a: SelfcheckArguments) -> int:
               f"({r['wall_s']:.0f} s, log {r['log']})", flush=True)
         results.append(r)
     report = render_report(a, cards, twin, _versions(), doctor, results, hub_note)
-    tmp = out / (REPORT + ".tmp")
-    tmp.write_text(report)
-    os.replace(tmp, out / REPORT)
+    write_atomic(out / REPORT, report)
     print(f"selfcheck: report in {out / REPORT}")
     return 0 if doctor[0] == 0 and all(not r["problems"] for r in results) else 1

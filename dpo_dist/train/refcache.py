@@ -30,9 +30,9 @@ import gc
 import hashlib
 import json
 import logging
-import os
 from pathlib import Path
 
+from dpo_dist.util.atomic import write_atomic
 from dpo_dist.util.paths import cache_root
 
 logger = logging.getLogger(__name__)
@@ -238,10 +238,7 @@ def attach_reference_cache(trainer, *, model_path: str, load_model, cache_dir: s
         _free(ref)
         ref = None
         if rank == 0:
-            cache.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-            torch.save(data, tmp)
-            os.replace(tmp, path)
+            write_atomic(path, lambda tmp: torch.save(data, tmp))
     trainer.train_dataset = _with_columns(train, data["train_chosen"], data["train_rejected"])
     if evald is not None:
         trainer.eval_dataset = _with_columns(evald, data["eval_chosen"], data["eval_rejected"])
