@@ -1,5 +1,23 @@
 # dpo-dist: one command per use. `make help` lists them.
 SHELL := /bin/bash
+# Make variables are data, never code. A variable given on the command line or in the environment is recursive, so
+# make would run a `$(shell ...)` in it at every use: each one is first replaced by its literal text ($(value)). The
+# recipes then hand every value to the shell as one single-quoted word ($(call sq,...): `$(...)`, backticks, `;` and
+# quotes are plain characters there), and ARGS / PYTEST_ARGS, which are lists of words, through the environment to
+# Python's shlex (launch/rank_args.py, PYTEST_ADDOPTS): no shell ever reads them.
+USER_VARS := MODEL MODEL_NAME HARDWARE CARDS NODE_CARDS HOSTFILE RUN_DIR DRY_RUN ARGS DATASET OUT_DIR DEMO_DIR IMAGE \
+	PYTEST_ARGS HF_TOKEN PYTHON TORCH_SPEC
+GIVEN_VARS := $(foreach v,$(sort $(USER_VARS) $(.VARIABLES)),$(if $(filter command line environment environment override,$(origin $(v))),$(if $(filter $(v),$(USER_VARS)) $(filter command line,$(origin $(v))),$(v))))
+$(foreach v,$(GIVEN_VARS),$(eval override $(v) := $$(value $(v))))
+# A line break would end the recipe line inside a quoted word: refused.
+define LINE_BREAK
+
+
+endef
+$(foreach v,$(GIVEN_VARS),$(if $(findstring $(LINE_BREAK),$($(v))),$(error $(v) holds a line break; make variables are one line. Fix: give $(v) without it)))
+sq = '$(subst ','\'',$(1))'
+export ARGS PYTEST_ARGS
+
 PYTHON ?= python3
 VENV := .venv
 # torch goes in first and alone, so that no later requirement pulls a different (CUDA) build: requirements.txt's
@@ -7,9 +25,9 @@ VENV := .venv
 TORCH_SPEC ?= $(shell sed -n 's/^\(torch==[^ #]*\).*/\1/p' requirements.txt)
 # Inside the Habana image (it ships habana_frameworks and the Gaudi pins, see Dockerfile) make uses the image's
 # python and installs nothing: a .venv would hide habana_frameworks, and pip must never replace the image's torch.
-IN_GAUDI_IMAGE := $(shell $(PYTHON) -c "import importlib.util as u, sys; sys.exit(u.find_spec('habana_frameworks') is None)" 2>/dev/null && echo 1)
+IN_GAUDI_IMAGE := $(shell $(call sq,$(PYTHON)) -c "import importlib.util as u, sys; sys.exit(u.find_spec('habana_frameworks') is None)" 2>/dev/null && echo 1)
 ifeq ($(IN_GAUDI_IMAGE),1)
-PY := $(PYTHON)
+PY := $(call sq,$(PYTHON))
 STAMP := image-python
 else
 PY := $(VENV)/bin/python
@@ -36,8 +54,14 @@ export HF_HUB_DISABLE_TELEMETRY := 1
 
 IMAGE ?= dpo-dist:gaudi
 NODE_CARDS ?= 8
+# MODEL_NAME is the seed's name for MODEL (its README: `make sanity MODEL_NAME=...`); require-model refuses two
+# different values.
+override MODEL := $(or $(MODEL),$(MODEL_NAME))
+MODEL_TARGETS := plan train-1x train-8x train-multinode sanity
 DRY := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,)
 LAUNCH := $(PY) -m launch
+# The training targets: `python -m launch` with the words of ARGS appended (launch/rank_args.py splits them).
+LAUNCH_WITH_ARGS := $(PY) -m launch.rank_args
 
 .PHONY: help setup setup-gaudi-twin test check lint demo clean plan train-1x train-8x train-multinode sanity bench build run \
 	require-model gaudi-selfcheck
@@ -59,10 +83,15 @@ help:
 
 setup: $(STAMP)
 
+ifeq ($(IN_GAUDI_IMAGE),1)
+# In the Habana image the environment is the image's (Dockerfile): nothing to install.
+.PHONY: image-python
+image-python: ;
+else
 $(STAMP): requirements.txt requirements-gaudi.txt pyproject.toml
-	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@test -x $(PY) || $(call sq,$(PYTHON)) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(call sq,$(TORCH_SPEC))
 	$(PY) -m pip install -q -r requirements.txt
 	@# optimum-habana's sources, for the HPU adapter's signature test (it cannot import without Habana).
 	$(PY) -m pip install -q --no-deps "$$(grep -m1 '^optimum-habana==' requirements-gaudi.txt)"
@@ -71,11 +100,6 @@ $(STAMP): requirements.txt requirements-gaudi.txt pyproject.toml
 	@# killed (timeouts, the dying-rank tests) can leave a stale build lock that blocks every later CPU run.
 	DS_ACCELERATOR=cpu $(PY) -c "from deepspeed.accelerator import get_accelerator as g; g().create_op_builder('ShareMemCommBuilder').load()"
 	@touch $@
-
-ifeq ($(IN_GAUDI_IMAGE),1)
-# In the Habana image the environment is the image's (Dockerfile): nothing to install.
-.PHONY: image-python
-image-python: ;
 endif
 
 setup-gaudi-twin: $(TWIN_STAMP)
@@ -85,55 +109,57 @@ setup-gaudi-twin: $(TWIN_STAMP)
 # optimum-habana refuses any DeepSpeed but Habana's fork off an HPU, so the twin runs DDP plans (gaudi_spawn
 # --use_mpi, with Debian's Open MPI). habana_frameworks itself is a test-only stand-in (tests/support/habana_shim).
 $(TWIN_STAMP): requirements-gaudi.txt pyproject.toml
-	@test -x $(TWIN_VENV)/bin/python || $(PYTHON) -m venv $(TWIN_VENV)
+	@test -x $(TWIN_VENV)/bin/python || $(call sq,$(PYTHON)) -m venv $(TWIN_VENV)
 	$(TWIN_VENV)/bin/python -m pip install -q --upgrade pip
-	$(TWIN_VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(TWIN_VENV)/bin/python -m pip install -q $(call sq,$(TORCH_SPEC))
 	$(TWIN_VENV)/bin/python -m pip install -q -r requirements-gaudi.txt
 	$(TWIN_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
 	@.ci/openmpi_setup.sh
 	@touch $@
 
+# PYTEST_ARGS: pytest splits PYTEST_ADDOPTS into words itself (shlex).
 test: $(STAMP) $(if $(IN_GAUDI_IMAGE),,$(TWIN_STAMP))
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:+$$PYTEST_ADDOPTS }$$PYTEST_ARGS" $(PY) -m pytest -q
 
 # The fast loop: unit tests only (no multi-process runs, no twin venv): tests/ without tests/e2e/.
 check: $(STAMP)
-	$(PY) -m pytest -q --ignore=tests/e2e $(PYTEST_ARGS)
+	PYTEST_ADDOPTS="$${PYTEST_ADDOPTS:+$$PYTEST_ADDOPTS }$$PYTEST_ARGS" $(PY) -m pytest -q --ignore=tests/e2e
 
 # ruff, configured in pyproject.toml: zero findings.
 lint: $(STAMP)
 	$(PY) -m ruff check dpo_dist launch tests bench
 
 demo: $(STAMP)
-	$(PY) -m dpo_dist.pipeline --demo --out_dir $(DEMO_DIR)
+	$(PY) -m dpo_dist.pipeline --demo --out_dir $(call sq,$(DEMO_DIR))
 
 require-model:
-	@if [ -z "$(MODEL)" ]; then echo "error: MODEL is required (there are no default models), e.g. make $(MAKECMDGOALS) MODEL=google/gemma-3-270m" >&2; exit 2; fi
+	@if [ -z $(call sq,$(MODEL)) ]; then echo "error: MODEL is required (there are no default models), e.g. make $(firstword $(filter $(MODEL_TARGETS),$(MAKECMDGOALS)) plan) MODEL=google/gemma-3-270m" >&2; exit 2; fi
+	@if [ -n $(call sq,$(MODEL_NAME)) ] && [ $(call sq,$(MODEL)) != $(call sq,$(MODEL_NAME)) ]; then printf 'error: MODEL=%s and MODEL_NAME=%s differ (MODEL_NAME is another name for MODEL, as in the seed scripts). Fix: give only one of them.\n' $(call sq,$(MODEL)) $(call sq,$(MODEL_NAME)) >&2; exit 2; fi
 
 plan: require-model $(STAMP)
-	$(LAUNCH) plan --model "$(MODEL)" --hardware $(HARDWARE) --cards $(CARDS) $(if $(HOSTFILE),--hostfile "$(HOSTFILE)",)
+	$(LAUNCH) plan --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards $(call sq,$(CARDS)) $(if $(HOSTFILE),--hostfile $(call sq,$(HOSTFILE)),)
 
 train-1x: require-model $(STAMP)
-	$(LAUNCH) train --model "$(MODEL)" --hardware $(HARDWARE) --cards 1 $(if $(RUN_DIR),--run_dir "$(RUN_DIR)",) $(DRY) -- $(ARGS)
+	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 1 $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(DRY) --
 
 train-8x: require-model $(STAMP)
-	$(LAUNCH) train --model "$(MODEL)" --hardware $(HARDWARE) --cards 8 $(if $(RUN_DIR),--run_dir "$(RUN_DIR)",) $(DRY) -- $(ARGS)
+	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 8 $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(DRY) --
 
 train-multinode: require-model $(STAMP)
-	@if [ -z "$(HOSTFILE)" ]; then echo "error: HOSTFILE is required, e.g. HOSTFILE=hostfiles/gaudi_2x8.txt" >&2; exit 2; fi
-	$(LAUNCH) train --model "$(MODEL)" --hardware $(HARDWARE) --cards $(NODE_CARDS) --hostfile "$(HOSTFILE)" $(if $(RUN_DIR),--run_dir "$(RUN_DIR)",) $(DRY) -- $(ARGS)
+	@if [ -z $(call sq,$(HOSTFILE)) ]; then echo "error: HOSTFILE is required, e.g. HOSTFILE=hostfiles/gaudi_2x8.txt" >&2; exit 2; fi
+	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards $(call sq,$(NODE_CARDS)) --hostfile $(call sq,$(HOSTFILE)) $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(DRY) --
 
 sanity: require-model $(STAMP)
-	$(PY) -m dpo_dist.pipeline --model "$(MODEL)" --hardware $(HARDWARE) --cards 1 $(if $(OUT_DIR),--out_dir "$(OUT_DIR)",) $(if $(DATASET),--dataset_name "$(DATASET)",)
+	$(PY) -m dpo_dist.pipeline --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 1 $(if $(OUT_DIR),--out_dir $(call sq,$(OUT_DIR)),) $(if $(DATASET),--dataset_name $(call sq,$(DATASET)),)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
 
 gaudi-selfcheck: $(STAMP)
-	$(PY) -m launch selfcheck $(if $(HARDWARE),--hardware $(HARDWARE),) $(if $(OUT_DIR),--out_dir "$(OUT_DIR)",)
+	$(PY) -m launch selfcheck $(if $(HARDWARE),--hardware $(call sq,$(HARDWARE)),) $(if $(OUT_DIR),--out_dir $(call sq,$(OUT_DIR)),)
 
 build:
-	docker build -t $(IMAGE) .
+	docker build -t $(call sq,$(IMAGE)) .
 
 run: export HF_TOKEN := $(HF_TOKEN)
 run:
@@ -142,7 +168,8 @@ run:
 	@# (ZeRO-0 plans start their ranks with mpirun), as Habana's own docker run lines set it.
 	@docker run -it --rm --runtime=habana -e HABANA_VISIBLE_DEVICES=all -e HF_TOKEN \
 		-e OMPI_MCA_btl_vader_single_copy_mechanism=none \
-		--cap-add=sys_nice --net=host --ipc=host -v "$(CURDIR)":/workspace/dpo-dist $(IMAGE) bash
+		$(if $(MODEL),-e MODEL=$(call sq,$(MODEL)) -e MODEL_NAME=$(call sq,$(MODEL)),) \
+		--cap-add=sys_nice --net=host --ipc=host -v $(call sq,$(CURDIR)):/workspace/dpo-dist $(call sq,$(IMAGE)) bash
 
 clean:
 	rm -rf runs/ .pytest_cache

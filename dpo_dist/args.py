@@ -61,7 +61,9 @@ class DataArguments:
     max_eval_samples: int | None = field(default=200, metadata={"help": "Keep at most this many held-out pairs."})
     overlong: str = field(
         default="truncate",
-        metadata={"help": "Rows longer than max_length: 'truncate' (prompt left-truncated) or 'drop'.", "choices": ["truncate", "drop"]},
+        metadata={"help": "Rows over the length limits: 'truncate' (as TRL: the prompt keeps its last max_prompt_length "
+                  "tokens, then the responses are cut at their end) or 'drop' (every row the trainer would cut).",
+                  "choices": ["truncate", "drop"]},
     )
 
 
@@ -160,35 +162,32 @@ class TrainArguments:
 
 ARG_DATACLASSES = (ModelArguments, DataArguments, TrainArguments)
 
+# The options only the DPO entry reads: the SFT entry (dpo_dist.train.sft) shares the argument set and refuses
+# these by name instead of ignoring them (parse_args(task="sft")), and skips their checks in validate.
+DPO_ONLY_OPTIONS = (
+    "beta", "loss_type", "label_smoothing", "reference", "max_prompt_length", "max_target_length", "overlong",
+    "chunked_logps", "length_buckets", "packing", "ref_cache_dir", "diagnostics",
+)
+TASKS = ("dpo", "sft")
 
-def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments) -> None:
-    """Checks that need no I/O. Raises ArgumentError naming the argument and the fix."""
+
+def validate(model_args: ModelArguments, data_args: DataArguments, train_args: TrainArguments, *,
+             task: str = "dpo") -> None:
+    """Checks that need no I/O. Raises ArgumentError naming the argument and the fix. ``task`` 'sft' skips the
+    checks of DPO_ONLY_OPTIONS (SFT does not read them)."""
     if not model_args.model_name_or_path:
         raise ArgumentError(
             "--model_name_or_path is required: there are no default models. Pass a hub id "
             "(e.g. google/gemma-3-270m) or a local model folder (e.g. the tiny default from "
             "`python -m dpo_dist.tiny`)."
         )
-    if train_args.loss_type not in LOSS_TYPES:
-        raise ArgumentError(
-            f"--loss_type {train_args.loss_type!r} is not a known DPO loss. Choose one of: {', '.join(LOSS_TYPES)}."
-        )
-    if not train_args.beta > 0:
-        raise ArgumentError(f"--beta must be > 0 (got {train_args.beta}); typical values are 0.05-0.5.")
     if not train_args.learning_rate > 0:
         raise ArgumentError(f"--learning_rate must be > 0 (got {train_args.learning_rate}).")
     for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(train_args, name) < 1:
             raise ArgumentError(f"--{name} must be a positive integer (got {getattr(train_args, name)}).")
-    if train_args.max_prompt_length >= train_args.max_length:
-        raise ArgumentError(
-            f"--max_prompt_length ({train_args.max_prompt_length}) must be smaller than --max_length "
-            f"({train_args.max_length}), to leave room for the response."
-        )
-    if train_args.max_target_length is not None and train_args.max_target_length < 1:
-        raise ArgumentError(f"--max_target_length must be positive (got {train_args.max_target_length}).")
-    if train_args.reference == "adapter" and not model_args.use_peft:
-        raise ArgumentError("--reference adapter needs --use_peft (the reference is the adapter-disabled model).")
+    if train_args.max_length < 1:
+        raise ArgumentError(f"--max_length must be a positive number of tokens (got {train_args.max_length}).")
     if not 0 < data_args.eval_fraction < 1:
         raise ArgumentError(f"--eval_fraction must be in (0, 1) (got {data_args.eval_fraction}).")
     for name in ("max_train_samples", "max_eval_samples"):
@@ -200,18 +199,67 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
             f"--dist_timeout must be a positive number of seconds (got {train_args.dist_timeout}); it bounds how long "
             "a collective waits for a rank that is gone (default 1800)."
         )
+    if train_args.throughput_warmup_steps < 0:
+        raise ArgumentError(f"--throughput_warmup_steps must be 0 or more (got {train_args.throughput_warmup_steps}).")
+    if model_args.lora_r < 1 or model_args.lora_alpha < 1:
+        raise ArgumentError("--lora_r and --lora_alpha must be positive integers.")
+    if task == "dpo":
+        _validate_dpo(model_args, train_args)
+
+
+def _validate_dpo(model_args: ModelArguments, train_args: TrainArguments) -> None:
+    """The checks of DPO_ONLY_OPTIONS."""
+    if train_args.loss_type not in LOSS_TYPES:
+        raise ArgumentError(
+            f"--loss_type {train_args.loss_type!r} is not a known DPO loss. Choose one of: {', '.join(LOSS_TYPES)}."
+        )
+    if not train_args.beta > 0:
+        raise ArgumentError(f"--beta must be > 0 (got {train_args.beta}); typical values are 0.05-0.5.")
+    if train_args.max_prompt_length < 1:
+        # prompt_ids[-0:] would keep the whole prompt: 0 cannot mean "no prompt"
+        raise ArgumentError(f"--max_prompt_length must be a positive number of tokens (got {train_args.max_prompt_length}).")
+    if train_args.max_prompt_length >= train_args.max_length:
+        raise ArgumentError(
+            f"--max_prompt_length ({train_args.max_prompt_length}) must be smaller than --max_length "
+            f"({train_args.max_length}), to leave room for the response."
+        )
+    if train_args.max_target_length is not None and train_args.max_target_length < 1:
+        raise ArgumentError(f"--max_target_length must be positive (got {train_args.max_target_length}).")
+    if train_args.reference == "adapter" and not model_args.use_peft:
+        raise ArgumentError("--reference adapter needs --use_peft (the reference is the adapter-disabled model).")
     if train_args.packing and not train_args.chunked_logps:
         raise ArgumentError("--packing needs --chunked_logps (on by default): drop --no_chunked_logps or --packing.")
     if train_args.packing and model_args.attn_implementation not in (None, "sdpa", "eager"):
         raise ArgumentError(f"--packing runs on sdpa or eager attention, not --attn_implementation "
                             f"{model_args.attn_implementation}: drop one of the two flags.")
-    if train_args.throughput_warmup_steps < 0:
-        raise ArgumentError(f"--throughput_warmup_steps must be 0 or more (got {train_args.throughput_warmup_steps}).")
     if train_args.length_buckets < 0:
         raise ArgumentError(f"--length_buckets must be 0 (off) or a positive number of shapes (got "
                             f"{train_args.length_buckets}); 8 is a good value.")
-    if model_args.lora_r < 1 or model_args.lora_alpha < 1:
-        raise ArgumentError("--lora_r and --lora_alpha must be positive integers.")
+
+
+_UNSET = object()
+
+
+def _refuse_dpo_only(parser, argv: list[str], recipe: dict, config_path: str | None) -> None:
+    """SFT: a DPO-only option given on the command line (any spelling argparse accepts: `--beta=1`, `--no_packing`,
+    an abbreviation) or in the recipe is an ArgumentError naming it. Found by parsing once more with those options
+    defaulting to a marker, so that a flag given with its default value is caught too."""
+    named = [k for k in DPO_ONLY_OPTIONS if k in recipe]
+    if named:
+        raise ArgumentError(
+            f"--config {config_path}: {named[0]!r} is a DPO option; the SFT step does not use it. Fix: remove it from "
+            "the SFT recipe (it belongs in the DPO one)."
+        )
+    parser.set_defaults(**dict.fromkeys(DPO_ONLY_OPTIONS, _UNSET))
+    ns, _ = parser.parse_known_args(args=argv)
+    given = [k for k in DPO_ONLY_OPTIONS if getattr(ns, k, _UNSET) is not _UNSET]
+    if given:
+        k = given[0]
+        flag = next((w.split("=", 1)[0] for w in argv if w.split("=", 1)[0] in (f"--{k}", f"--no_{k}")), f"--{k}")
+        raise ArgumentError(
+            f"{flag} is a DPO option; the SFT step (python -m dpo_dist.sft) does not use it. Fix: drop {flag} from "
+            "the SFT command (pass it to the DPO step, python -m dpo_dist.dpo)."
+        )
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -225,17 +273,20 @@ def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
     return None, argv
 
 
-def parse_args(argv: list[str] | None = None, dataclass_types=ARG_DATACLASSES):
+def parse_args(argv: list[str] | None = None, dataclass_types=ARG_DATACLASSES, *, task: str = "dpo"):
     """Parse argv (default sys.argv[1:]) into the argument dataclasses.
 
     A YAML recipe given with `--config` supplies defaults; explicit flags win.
-    Unknown flags and unknown recipe keys are errors that name them.
+    Unknown flags and unknown recipe keys are errors that name them; with ``task`` 'sft', so are DPO_ONLY_OPTIONS.
     """
+    if task not in TASKS:
+        raise ValueError(f"task {task!r}: expected one of {TASKS}")
     import yaml
 
     argv = list(sys.argv[1:] if argv is None else argv)
     config_path, argv = _split_config_flag(argv)
     parser = hf_argument_parser()(dataclass_types)
+    recipe: dict = {}
     if config_path:
         try:
             with open(config_path) as fh:
@@ -251,6 +302,8 @@ def parse_args(argv: list[str] | None = None, dataclass_types=ARG_DATACLASSES):
         if unknown:
             raise ArgumentError(f"--config {config_path}: unknown keys {unknown}. Known keys are the dpo.py flags.")
         parser.set_defaults(**recipe)
+    if task == "sft":
+        _refuse_dpo_only(hf_argument_parser()(dataclass_types), argv, recipe, config_path)
     *parsed, remaining = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
     if remaining:
         raise ArgumentError(f"unknown arguments {remaining}; run `python -m dpo_dist.dpo --help` for the list.")

@@ -16,14 +16,19 @@ import dataclasses
 import json
 import os
 import sys
-import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 from dpo_dist.backend import cleanup_shm_buffers
 from dpo_dist.train.reference import REFERENCE_CHOICES
 from dpo_dist.util.atomic import write_atomic, write_json_atomic
+from dpo_dist.util.checkpoint import check_output_dir
+from dpo_dist.util.disk import is_no_space, no_space_message
+from dpo_dist.util.errors import ArgumentError
 from dpo_dist.util.hfargs import hf_argument_parser
+from dpo_dist.util.lock import folder_is_busy, release_folder
 from launch.cards import available_cards, hl_smi_count
 from launch.command.builder import (
     CommandError,
@@ -32,13 +37,23 @@ from launch.command.builder import (
     render_command_sh,
     render_deepspeed_env,
 )
+from launch.command.common import DEVICE_LAUNCH, check_cards
 from launch.command.hostfile import HostfileError, is_loopback, parse_hostfile
 from launch.doctor import run_doctor
 from launch.dsconfig import build_ds_config, write_ds_config
+from launch.masterport import master_port_problem_for
 from launch.plan import HARDWARE, PlanOptions, SpecError, load_spec, make_plan, plan_to_dict
 from launch.plan.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
 from launch.plan.report import render_plan_table
+from launch.rundir import RunDirError, check_run_dir, claim_run_dir, remove_made
 from launch.spawn import spawn
+from launch.supervise import (
+    DEFAULT_DIST_TIMEOUT_S,
+    HANG_MARGIN_S,
+    RESTARTS_FILE,
+    record_restarts_in_metrics,
+    supervise,
+)
 
 EXIT_USAGE = 2
 EXIT_NO_FIT = 3
@@ -71,8 +86,15 @@ class PlanArguments:
 
 @dataclass
 class TrainArguments(PlanArguments):
-    run_dir: str | None = field(default=None, metadata={"help": "Where plan.json, ds_config.json, command.sh and the output go."})
+    run_dir: str | None = field(default=None, metadata={
+        "help": "Where plan.json, ds_config.json, command.sh and the output go: a new or empty folder, or an earlier "
+                "run's with --overwrite_run_dir (default: a new runs/<model>-<time>)."})
+    overwrite_run_dir: bool = field(default=False, metadata={
+        "help": "Replace the plan and command of an earlier run in --run_dir (its output/ is kept)."})
     dry_run: bool = field(default=False, metadata={"help": "Write the run dir and print the command; do not launch."})
+    max_restarts: int = field(default=0, metadata={
+        "help": "When a rank dies or the job hangs past --dist_timeout, stop every rank and relaunch from the newest "
+                "complete checkpoint, at most this many times (0: stop at the first failure)."})
     master_port: int = field(default=29500, metadata={"help": "Rendezvous port on the first node."})
     task: str = field(default="dpo", metadata={"help": "dpo or sft (the rank module to run).", "choices": ["dpo", "sft"]})
     launcher: str = field(default="auto", metadata={"help": "auto, deepspeed, torchrun or gaudi_spawn."})
@@ -156,11 +178,22 @@ def build_plan(a: PlanArguments, data=None, extra: list[str] = ()):
     use_peft = a.use_peft and not a.full
     if a.cards < 1:
         raise LaunchError(f"--cards must be a positive integer (got {a.cards}).")
+    # The launch command's own rule for cards per node (a Gaudi node has 8), so plan and train refuse alike.
+    check_cards(DEVICE_LAUNCH[HARDWARE[a.hardware].device], a.hardware, a.cards)
+    if a.nodes < 1:
+        raise LaunchError(f"--nodes must be a positive integer (got {a.nodes}).")
     hosts = None
     nodes = a.nodes
     if a.hostfile:
         hosts = parse_hostfile(a.hostfile, expected_slots=a.cards)
         nodes = len(hosts)
+        if a.nodes not in (1, nodes):
+            raise LaunchError(f"--nodes {a.nodes} but the hostfile {a.hostfile} lists {nodes} node(s). Fix: leave "
+                              "--nodes out with --hostfile (its hosts are the nodes), or list that many hosts.")
+    elif a.nodes > 1 and isinstance(a, TrainArguments):
+        raise LaunchError(f"--nodes {a.nodes} without --hostfile: train starts the nodes a hostfile names, and would "
+                          f"start only this one. Fix: pass --hostfile with {a.nodes} hosts (`host slots={a.cards}` "
+                          "lines); --nodes alone is for `plan`.")
     spec = load_spec(a.model)
     hw = HARDWARE[a.hardware]
     options = PlanOptions(
@@ -209,11 +242,14 @@ def _split_rank_args(argv: list[str]) -> tuple[list[str], list[str]]:
 def cmd_plan(argv) -> int:
     argv, extra = _split_rank_args(argv)
     a = _parse(PlanArguments, argv)
-    _, _, plan = _plan_with_data(a, extra)
+    _, hosts, plan = _plan_with_data(a, extra)
     if a.json:
         print(json.dumps(plan_to_dict(plan), indent=2))
     else:
         print(render_plan_table(plan))
+    # The plan is shown, and the verdict is train's: more cards than this node has (when it is one of the nodes and
+    # its count is known) is refused here too, before the fit.
+    check_cards_available(a, hosts)
     return 0 if plan.fits else EXIT_NO_FIT
 
 
@@ -234,8 +270,9 @@ def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path
     put("--per_device_train_batch_size", plan.micro_batch_size)
     put("--gradient_accumulation_steps", plan.gradient_accumulation_steps)
     put("--max_length", plan.max_length)
-    put("--max_prompt_length", plan.max_prompt_length)
-    put("--reference", plan.reference)
+    if a.task == "dpo":  # DPO-only options: dpo_dist.sft refuses them (dpo_dist.args.DPO_ONLY_OPTIONS)
+        put("--max_prompt_length", plan.max_prompt_length)
+        put("--reference", plan.reference)
     put("--device", hw.device)
     if plan.use_peft and "--use_peft" not in given:
         args.append("--use_peft")
@@ -275,40 +312,99 @@ def apply_batch_overrides(plan, extra: list[str]):
     return dataclasses.replace(plan, notes=notes, **changes)
 
 
-def prepare_run(a: TrainArguments, extra: list[str], environ=None):
-    """Plan and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env). Returns (plan, cmd, run_dir)."""
+@dataclass
+class PreparedRun:
+    """A planned run whose run dir is written and held by this process: what cmd_train launches (and relaunches)."""
+
+    plan: object
+    cmd: object  # the LaunchCommand of the first launch
+    run_dir: Path
+    output_dir: Path
+    command_with: Callable  # rank arguments to add (a relaunch's --resume_from_checkpoint) -> LaunchCommand
+
+
+def _output_dir_for(run_dir: Path, extra: list[str]) -> Path:
+    given = rank_flag(extra, "--output_dir")
+    return Path(given) if given else run_dir / "output"
+
+
+def check_output_dir_for_launch(output_dir: Path, extra: list[str]) -> None:
+    """The ranks' own output-dir rule (util.checkpoint), applied before the run dir is written, and the folder is
+    not held by a run that is going on now (util.lock)."""
+    if folder_is_busy(output_dir):
+        raise LaunchError(f"the output dir {output_dir} is in use by another run that is going on now. Nothing was "
+                          "written. Wait for it to end, or give a new --run_dir (or --output_dir after `--`).")
+    flags = {w.split("=", 1)[0] for w in extra}
+    rank_view = SimpleNamespace(output_dir=str(output_dir), overwrite_output_dir="--overwrite_output_dir" in flags,
+                                resume_from_checkpoint=rank_flag(extra, "--resume_from_checkpoint"),
+                                no_merge="--no_merge" in flags)
+    try:
+        check_output_dir(rank_view)
+    except ArgumentError as e:
+        raise LaunchError(f"{e} (flags for the ranks go after `--`)") from None
+
+
+def prepare_run(a: TrainArguments, extra: list[str], environ=None) -> PreparedRun:
+    """Plan, then claim and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env).
+    Everything that can refuse runs before anything is written; a refusal leaves no run dir behind."""
     spec, hosts, plan = _plan_with_data(a, extra)
     plan = apply_batch_overrides(plan, extra)
     check_cards_available(a, hosts, environ)
+    if a.max_restarts < 0:
+        raise LaunchError(f"--max_restarts must be 0 or more (got {a.max_restarts}).")
     print(render_plan_table(plan))
     if not plan.fits:
         raise NoFit(plan)
-    run_dir = Path(a.run_dir or f"runs/{Path(a.model.rstrip('/')).name}-{time.strftime('%Y%m%d-%H%M%S')}")
-    ds_path = run_dir / "ds_config.json"
+    if a.run_dir and (problem := check_run_dir(Path(a.run_dir), a.overwrite_run_dir)):
+        raise LaunchError(problem)
+    if a.run_dir:
+        check_output_dir_for_launch(_output_dir_for(Path(a.run_dir), extra), extra)
     ds_config = build_ds_config(plan, spec) if plan.uses_deepspeed else None
-    hostfile_path = str(Path(a.hostfile).resolve()) if hosts else None
-    # DeepSpeed reads only ./.deepspeed_env, ~/.deepspeed_env or $DS_ENV_FILE: the command sets DS_ENV_FILE.
-    ds_env_path = str((run_dir / ".deepspeed_env").resolve())
-    script_args = dpo_args_for(plan, a, ds_path, run_dir / "output", extra)
-    cmd = build_launch_command(
-        a.hardware, a.cards, hosts, script_args, master_port=a.master_port, launcher=a.launcher,
-        module=f"dpo_dist.{a.task}",
-        hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path, extra_env_names=tuple(n for n in (a.env or "").split(",") if n),
-        environ=environ, no_ssh=False if a.ssh else None, ssh_port=a.ssh_port, deepspeed=plan.uses_deepspeed,
-        plan_env=plan_env(plan),
-    )
-    # Everything that can refuse the launch (secrets, quoting) runs before the run dir is created: a refused
-    # launch leaves no half-written run dir behind.
-    command_sh = render_command_sh(cmd)
-    deepspeed_env = render_deepspeed_env(cmd.deepspeed_env) if cmd.deepspeed_env else None
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if ds_config is not None:
-        write_ds_config(ds_config, ds_path)
-    write_json_atomic(run_dir / "plan.json", plan_to_dict(plan))
-    write_atomic(run_dir / "command.sh", command_sh, mode=0o755)
-    if deepspeed_env is not None:
-        write_atomic(run_dir / ".deepspeed_env", deepspeed_env, mode=0o644)
-    return plan, cmd, run_dir
+    try:
+        run_dir, made = claim_run_dir(Path(a.run_dir) if a.run_dir else None, a.model, a.overwrite_run_dir)
+    except RunDirError as e:
+        raise LaunchError(str(e)) from None
+    written: list[Path] = []
+    try:
+        ds_path = run_dir / "ds_config.json"
+        output_dir = _output_dir_for(run_dir, extra)
+        hostfile_path = str(Path(a.hostfile).resolve()) if hosts else None
+        # DeepSpeed reads only ./.deepspeed_env, ~/.deepspeed_env or $DS_ENV_FILE: the command sets DS_ENV_FILE.
+        ds_env_path = str((run_dir / ".deepspeed_env").resolve())
+        script_args = dpo_args_for(plan, a, ds_path, run_dir / "output", extra)
+
+        def command_with(more: list[str] = ()):
+            return build_launch_command(
+                a.hardware, a.cards, hosts, [*script_args, *more], master_port=a.master_port, launcher=a.launcher,
+                module=f"dpo_dist.{a.task}", hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path,
+                extra_env_names=tuple(n for n in (a.env or "").split(",") if n), environ=environ,
+                no_ssh=False if a.ssh else None, ssh_port=a.ssh_port, deepspeed=plan.uses_deepspeed,
+                plan_env=plan_env(plan),
+            )
+
+        cmd = command_with()
+        # Everything that can refuse the launch (secrets, quoting) runs before the files are written.
+        command_sh = render_command_sh(cmd)
+        deepspeed_env = render_deepspeed_env(cmd.deepspeed_env) if cmd.deepspeed_env else None
+        if not a.run_dir:
+            check_output_dir_for_launch(output_dir, extra)
+        if ds_config is not None:
+            written.append(write_ds_config(ds_config, ds_path))
+        written.append(write_json_atomic(run_dir / "plan.json", plan_to_dict(plan)))
+        written.append(write_atomic(run_dir / "command.sh", command_sh, mode=0o755))
+        if deepspeed_env is not None:
+            written.append(write_atomic(run_dir / ".deepspeed_env", deepspeed_env, mode=0o644))
+    except BaseException as e:
+        if made:  # nothing of a refused launch stays behind: the files this call wrote, then the folder it made
+            for f in written:
+                f.unlink(missing_ok=True)
+            remove_made(run_dir)
+        if isinstance(e, OSError):
+            raise LaunchError(no_space_message(run_dir) if is_no_space(e) else
+                              f"cannot write the run dir {run_dir} ({e.strerror or e}). Choose a --run_dir you can "
+                              "write to.") from None
+        raise
+    return PreparedRun(plan, cmd, run_dir, output_dir, command_with)
 
 
 def plan_env(plan) -> dict:
@@ -324,24 +420,48 @@ class NoFit(Exception):
 def cmd_train(argv) -> int:
     argv, extra = _split_rank_args(argv)
     a = _parse(TrainArguments, argv)
-    plan, cmd, run_dir = prepare_run(a, extra)
-    print(f"run dir: {run_dir}")
-    print(format_command(cmd))
+    if not a.dry_run and (busy := master_port_problem_for(a.master_port, a.hostfile)):
+        raise LaunchError(busy)
+    run = prepare_run(a, extra)
+    try:
+        return _launch(a, extra, run)
+    finally:
+        release_folder(run.run_dir)  # held since prepare_run (also released by the kernel when this process ends)
+
+
+def _launch(a: TrainArguments, extra: list[str], run: PreparedRun) -> int:
+    print(f"run dir: {run.run_dir}")
+    print(format_command(run.cmd))
     if a.dry_run:
         print("dry run: not launched.")
         return 0
     env = dict(os.environ)
-    env.update(cmd.env)
+    env.update(run.cmd.env)
     # The launcher binaries (deepspeed, torchrun) of this Python's environment come first.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    result = spawn(cmd.commands, env, log_path=run_dir / "launch.log")
-    if a.hardware == "cpu":  # ranks that were killed could not remove their shared-memory buffers
-        cleanup_shm_buffers(a.master_port)
+    dist_timeout = rank_flag(extra, "--dist_timeout")
+    idle_s = (float(dist_timeout) if dist_timeout and dist_timeout.isdigit() else DEFAULT_DIST_TIMEOUT_S) + HANG_MARGIN_S
+
+    def launch_once(more: list[str]):
+        cmd = run.command_with(more) if more else run.cmd
+        result = spawn(cmd.commands, env, log_path=run.run_dir / "launch.log",
+                       idle_timeout_s=idle_s if a.max_restarts else None)
+        if a.hardware == "cpu":  # ranks that were killed could not remove their shared-memory buffers
+            cleanup_shm_buffers(a.master_port)
+        return result
+
+    result, restarts = supervise(
+        launch_once, output_dir=run.output_dir, world_size=run.plan.world_size, deepspeed=run.plan.uses_deepspeed,
+        max_restarts=a.max_restarts, record=run.run_dir / RESTARTS_FILE,
+        disk_paths=(run.run_dir, run.output_dir))
     if result.returncode != 0:
-        print(f"launch: training failed: {result.failed or 'exit ' + str(result.returncode)}. Log: {run_dir / 'launch.log'}",
-              file=sys.stderr)
+        print(f"launch: training failed: {result.failed or 'exit ' + str(result.returncode)}. "
+              f"Log: {run.run_dir / 'launch.log'}", file=sys.stderr)
         return result.returncode
-    print(f"launch: done. Model and metrics in {run_dir / 'output'}")
+    if a.max_restarts:
+        record_restarts_in_metrics(run.output_dir, restarts)
+    print(f"launch: done{f' after {len(restarts)} restart(s)' if restarts else ''}. Model and metrics in "
+          f"{run.output_dir}")
     return 0
 
 

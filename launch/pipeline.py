@@ -23,9 +23,11 @@ from dpo_dist.backend import twin_requested
 from dpo_dist.tiny import ensure_tiny_assets
 from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.util.layout import METRICS_FILE
+from dpo_dist.util.lock import folder_is_busy
 from dpo_dist.util.logs import redact
 from dpo_dist.util.paths import REPO_ROOT
 from launch.plan import HARDWARE
+from launch.rundir import RunDirError, check_run_dir, claim_run_dir, safe_name
 
 ROOT = REPO_ROOT
 RECIPES = ROOT / "recipes"
@@ -100,6 +102,23 @@ def launch_argv(a: PipelineArguments, task: str, model: str, run_dir: Path, extr
     return argv + ["--", *extra]
 
 
+def claim_out_dir(out: Path, model: str) -> Path:
+    """The pipeline's folder, under the run dir rules (launch.rundir; --out_dir): an earlier pipeline's folder is
+    moved aside to <name>.prev-<time> (nothing is lost), and a folder of files dpo-dist did not write, or one a
+    pipeline is using now, is refused. Returns the folder, new, empty and held by this process."""
+    problem = check_run_dir(out, overwrite=True, flag="--out_dir")
+    if problem:
+        raise RunDirError(problem)
+    if out.is_dir() and any(out.iterdir()):
+        if folder_is_busy(out):
+            raise RunDirError(f"--out_dir {out} is in use by a pipeline that is running now. Nothing was changed. Wait "
+                              "for it to end, or choose a new --out_dir.")
+        prev = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
+        out.rename(prev)
+        print(f"pipeline: moved the previous {out} to {prev}")
+    return claim_run_dir(out, model, flag="--out_dir")[0].resolve()
+
+
 def run_pipeline(a: PipelineArguments) -> int:
     if a.demo:
         assets = ensure_tiny_assets()
@@ -108,12 +127,11 @@ def run_pipeline(a: PipelineArguments) -> int:
     if not a.model:
         print("pipeline: error: --model (MODEL=...) is required: there are no default models.", file=sys.stderr)
         return 2
-    out = Path(a.out_dir or f"runs/sanity-{Path(a.model.rstrip('/')).name}").resolve()
-    if out.exists() and any(out.iterdir()):
-        prev = out.with_name(f"{out.name}.prev-{time.strftime('%Y%m%d-%H%M%S')}")
-        out.rename(prev)
-        print(f"pipeline: moved the previous {out} to {prev}")
-    out.mkdir(parents=True)
+    try:
+        out = claim_out_dir(Path(a.out_dir) if a.out_dir else Path("runs") / f"sanity-{safe_name(a.model)}", a.model)
+    except RunDirError as e:
+        print(f"pipeline: error: {e}", file=sys.stderr)
+        return 2
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
     p = Pipeline(out, env)

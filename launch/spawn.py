@@ -16,9 +16,10 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from dpo_dist.util.disk import is_no_space, no_space_message
 from dpo_dist.util.logs import redact
 
 # DeepSpeed's launcher (deepspeed/launcher/launch.py) reports the first rank that failed as
@@ -145,14 +146,49 @@ class RankWatch:
                     pass
 
 
+# What ended a spawn, for whoever decides what comes next (the restart supervisor): only "failed" and "hang"
+# are worth a restart; "stopped" was asked for, and "no_space" would fail again the same way.
+OK, FAILED, STOPPED, HANG, NO_SPACE = "ok", "failed", "stopped", "hang", "no_space"
+
+
 @dataclass
 class SpawnResult:
     returncode: int
     failed: str | None = None  # which part failed, in words
-    log_lines: list = field(default_factory=list)
+    kind: str = OK  # OK, FAILED, STOPPED, HANG or NO_SPACE
+    seconds: float = 0.0  # how long the node commands ran
 
 
-def _pump(stream, sink, log_fh, lock, state, tag: str):
+class _Output:
+    """Where the pumps write: the console and the launch log. A write that fails (a full disk, a closed console)
+    is remembered, not raised: the pumps keep draining the ranks' pipes, so a rank never blocks on a full pipe,
+    and the spawn loop decides what the failure means."""
+
+    def __init__(self, sink, log_fh, log_path):
+        self.lock = threading.Lock()
+        self.sink, self.log_fh, self.log_path = sink, log_fh, log_path
+        self.log_error: OSError | None = None
+        self.last_line = time.monotonic()
+
+    def write(self, text: str) -> None:
+        with self.lock:
+            self.last_line = time.monotonic()
+            if self.sink is not None:
+                try:
+                    self.sink.write(text)
+                    self.sink.flush()
+                except (OSError, ValueError):  # a console that is gone must not stop the run
+                    self.sink = None
+            if self.log_fh is not None:
+                try:
+                    self.log_fh.write(text)
+                    self.log_fh.flush()
+                except OSError as e:
+                    self.log_error = e
+                    self.log_fh = None
+
+
+def _pump(stream, out: _Output, state, tag: str):
     for line in iter(stream.readline, ""):
         line = redact(line)
         m = _RANK_EXIT.search(line)
@@ -161,12 +197,7 @@ def _pump(stream, sink, log_fh, lock, state, tag: str):
         m = _RANK_OK.search(line)
         if m:
             state.setdefault("clean", set()).add(int(m.group(1)))
-        with lock:
-            sink.write(tag + line)
-            sink.flush()
-            if log_fh:
-                log_fh.write(tag + line)
-                log_fh.flush()
+        out.write(tag + line)
     stream.close()
 
 
@@ -214,14 +245,16 @@ def _failure_message(watch: RankWatch, states: list[dict]) -> str | None:
 
 
 def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Path | None = None, cwd=None,
-          grace_s: float = 20.0, poll_s: float = 0.1, discover_s: float = 1.0,
-          rank_failure_grace_s: float = 15.0) -> SpawnResult:
+          grace_s: float = 20.0, poll_s: float = 0.1, discover_s: float = 0.25,
+          rank_failure_grace_s: float = 15.0, idle_timeout_s: float | None = None, sink=None) -> SpawnResult:
     """Run the node commands to completion. Returns 0 only if every one exits 0. When a rank dies, the
     failure message names it (RankWatch), and every process is stopped (stop_all): by the node command itself
     (DeepSpeed's launcher stops the other ranks and exits), or, if it has not within rank_failure_grace_s
-    of the rank's death, by us."""
+    of the rank's death, by us. With idle_timeout_s, a job that prints nothing for that long is a hang and is
+    stopped. When the launch log cannot be written (a full disk), the ranks are stopped with that reason."""
     log_fh = open(log_path, "a") if log_path else None
-    lock = threading.Lock()
+    out = _Output(sys.stdout if sink is None else sink, log_fh, log_path)
+    t_start = time.monotonic()
     procs, threads, states = [], [], []
     stopping = {"signal": None}
 
@@ -240,13 +273,14 @@ def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Path | None
             state: dict = {}
             states.append(state)
             tag = f"[node{i}] " if len(commands) > 1 else ""
-            t = threading.Thread(target=_pump, args=(p.stdout, sys.stdout, log_fh, lock, state, tag), daemon=True)
+            t = threading.Thread(target=_pump, args=(p.stdout, out, state, tag), daemon=True)
             t.start()
             threads.append(t)
 
         watch = RankWatch([p.pid for p in procs])
         next_discover = 0.0
         failed = None
+        kind = OK
         rc = 0
         while True:
             if time.monotonic() >= next_discover:
@@ -260,30 +294,48 @@ def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Path | None
                 stop_all(procs, grace_s)
                 rc = 128 + stopping["signal"]
                 failed = f"stopped by signal {signal.Signals(stopping['signal']).name}"
+                kind = STOPPED
+                break
+            if out.log_error is not None:
+                stop_all(procs, grace_s)
+                rc, kind = 1, (NO_SPACE if is_no_space(out.log_error) else FAILED)
+                where = Path(log_path).parent
+                failed = (f"cannot write the launch log {log_path} ({out.log_error.strerror or out.log_error}), so "
+                          "the ranks were stopped: " + ((no_space_message(where) or f"no space left on {where}.")
+                                                         if kind == NO_SPACE else "see the error above."))
                 break
             if bad:
                 i, c = bad[0]
                 watch.poll()
                 stop_all(procs, grace_s)
                 rc = c if c > 0 else 128 + (-c)
-                failed = f"node command {i} exited with {c}"
+                failed, kind = f"node command {i} exited with {c}", FAILED
                 break
             if all(c == 0 for c in codes):
                 break
             if watch.failed_at is not None and time.monotonic() - watch.failed_at > rank_failure_grace_s:
                 stop_all(procs, grace_s)
-                rc = 1
+                rc, kind = 1, FAILED
                 failed = "a rank failed and the launcher did not stop the others"
+                break
+            if idle_timeout_s is not None and time.monotonic() - out.last_line > idle_timeout_s:
+                stop_all(procs, grace_s)
+                rc, kind = 1, HANG
+                failed = (f"no output from any rank for {idle_timeout_s:.0f} s (past --dist_timeout): the job hung; "
+                          "the ranks were stopped")
                 break
             time.sleep(poll_s)
         watch.kill_leftovers()
         for t in threads:
             t.join(timeout=5)
-        if rc != 0 and stopping["signal"] is None:
+        if kind == FAILED:
             failed = _failure_message(watch, states) or failed
-        return SpawnResult(rc, failed)
+        return SpawnResult(rc, failed, kind, time.monotonic() - t_start)
     finally:
         for s, h in old.items():
             signal.signal(s, h)
         if log_fh:
-            log_fh.close()
+            try:
+                log_fh.close()
+            except OSError:  # its last buffered lines did not fit: the failure is already reported
+                pass

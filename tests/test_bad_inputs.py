@@ -281,3 +281,51 @@ def test_makefile_target_without_model(target):
     assert "MODEL is required" in line and f"make {target} MODEL=" in line
     assert "pip" not in res.stdout and "python" not in res.stdout.lower()  # no install, no launch started
     assert (stamp.stat().st_mtime_ns if stamp.exists() else None) == stamp_before
+
+
+# ----------------------------------------------------------------------------------------------------------
+# bad bytes, bad lines and degenerate pairs in the preference data (the loader's own cases:
+# tests/dpo_dist/data/test_bad_data.py)
+
+
+def _pref_line(i: int) -> bytes:
+    return (json.dumps({"prompt": f"\n\nHuman: q{i}?\n\nAssistant:", "chosen": f" yes {i}", "rejected": f" no {i}"})
+            + "\n").encode()
+
+
+@pytest.mark.parametrize("case, bad, needle", [
+    ("invalid UTF-8 line", b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n',
+     "line 3, column 16: byte 0xe9 is not valid UTF-8"),
+    ("malformed JSON line", b'{"prompt": "x", "chosen": "a" "rejected": "b"}\n', "line 3, column 31: Expecting ','"),
+])
+def test_bad_line_in_the_preference_file(tmp_path, tiny_assets, case, bad, needle):
+    data = tmp_path / "prefs.jsonl"
+    data.write_bytes(_pref_line(1) + _pref_line(2) + bad + b"".join(_pref_line(i) for i in range(4, 12)))
+    before, out = snapshot(tmp_path), tmp_path / "out"
+    res, line = run_dpo(case, "--model_name_or_path", tiny_assets.llama_dir, "--dataset_name", data, "--output_dir", out)
+    assert f"--dataset_name {data}: {needle}" in line and "Fix:" in line
+    assert "UnicodeDecodeError" not in res.stdout and "DatasetGenerationError" not in res.stdout
+    assert_nothing_written(tmp_path, before, out)
+
+
+def test_preference_file_of_identical_pairs(tmp_path, tiny_assets):
+    data = tmp_path / "prefs.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "chosen": " same", "rejected": " same"}) + "\n"
+                            for i in range(8)))
+    before, out = snapshot(tmp_path), tmp_path / "out"
+    res, line = run_dpo("only chosen == rejected pairs", "--model_name_or_path", tiny_assets.llama_dir,
+                        "--dataset_name", data, "--output_dir", out)
+    assert "none of its 8 pairs can teach a preference" in line and "8 with chosen == rejected" in line
+    assert_nothing_written(tmp_path, before, out)
+
+
+def test_sft_with_a_dpo_flag(tmp_path, tiny_assets):
+    from dpo_dist.train.sft import main
+
+    before, out = snapshot(tmp_path), tmp_path / "out"
+    res = run_main(main, [*SMALL[:-2], "--model_name_or_path", tiny_assets.llama_dir, "--dataset_name",
+                          tiny_assets.data_dir, "--output_dir", out, "--loss_type", "ipo"], env=cpu_env())
+    line = message_line(res.stdout)
+    report("sft given a DPO flag", res, line)
+    assert res.returncode == 2 and "--loss_type is a DPO option; the SFT step" in line, res.stdout[-3000:]
+    assert_nothing_written(tmp_path, before, out)

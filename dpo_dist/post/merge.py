@@ -146,6 +146,11 @@ def merge_model(checkpoint, output, *, base_model: str | None = None, dtype: str
     if output_nonempty(out) and not overwrite:
         raise MergeArgumentError(f"--output {output}: exists and is not empty. Nothing was changed. Pass --overwrite "
                                  "to replace it, or choose another folder.")
+    if output_nonempty(out) and not (out.is_dir() and (out / "config.json").is_file()):
+        # --overwrite replaces a model folder, never a folder of other files (a home folder, a source tree).
+        raise MergeArgumentError(f"--output {output}: holds files that are not a model folder (no config.json). "
+                                 "Nothing was changed. --overwrite replaces only an earlier merged model: choose "
+                                 "another --output.")
     timings: dict = {}
     source = detect_source(ckpt)
     logger.info("input: %s (%s)%s", ckpt, source.kind,

@@ -20,6 +20,7 @@ from dpo_dist.backend import apply_env, get_backend
 from dpo_dist.data.preference import apply_length_policy, load_preference_splits, with_bos
 from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
 from dpo_dist.train.recorder import RunRecorder, _dist_reduce, collect_metrics, current_rss_bytes
+from dpo_dist.train.reshard import finish_reshard, prepare_reshard, watch_reshard
 from dpo_dist.train.runtime import exit_now, rank_main
 from dpo_dist.train.trl_trainer import build_trainer, build_training_setup
 from dpo_dist.util.atomic import write_json_atomic
@@ -36,8 +37,10 @@ def run(model_args, data_args, train_args) -> dict:
     backend = get_backend(train_args.device)
     apply_env(backend)
     checkpoint = resolve_checkpoint(train_args)
+    reshard = prepare_reshard(checkpoint, train_args)  # saved by another number of ranks: accumulation, DS config
     # The trainer config comes first: under ZeRO-3 (and on Gaudi) it hooks from_pretrained.
     setup = build_training_setup(backend, model_args, data_args, train_args)
+    finish_reshard(reshard, setup.args)  # rank 0 converts to DeepSpeed's universal checkpoint, the others wait
     logger.info("backend=%s world_size=%d zero_stage=%d reference=%s", backend.device, setup.args.world_size,
                 setup.zero_stage, setup.reference)
 
@@ -45,8 +48,10 @@ def run(model_args, data_args, train_args) -> dict:
     with setup.args.main_process_first(desc="dataset"):
         train, held_out = load_preference_splits(data_args, train_args.seed)
         train, held_out = with_bos(train, tokenizer), with_bos(held_out, tokenizer)
-        train, _ = apply_length_policy(train, tokenizer, max_length=train_args.max_length, mode=data_args.overlong, split_name="train")
-        held_out, _ = apply_length_policy(held_out, tokenizer, max_length=train_args.max_length, mode=data_args.overlong, split_name="test")
+        lengths = dict(max_length=train_args.max_length, max_prompt_length=train_args.max_prompt_length,
+                       max_completion_length=train_args.max_completion_length, mode=data_args.overlong)
+        train, _ = apply_length_policy(train, tokenizer, **lengths, split_name="train")
+        held_out, _ = apply_length_policy(held_out, tokenizer, **lengths, split_name="test")
     logger.info("data: %d training pairs, %d held-out pairs", len(train), len(held_out))
 
     set_seed(train_args.seed)
@@ -72,6 +77,7 @@ def run(model_args, data_args, train_args) -> dict:
         load_reference=lambda: load()[0],
     )
     recorder.trainer = trainer
+    watch_reshard(reshard, trainer)
 
     trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = trainer.evaluate()

@@ -7,11 +7,14 @@ import logging
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 from dpo_dist.args import parse_args, validate
 from dpo_dist.backend import cleanup_shm_buffers, global_rank
 from dpo_dist.util.checkpoint import check_output_dir
+from dpo_dist.util.disk import is_no_space, no_space_message
 from dpo_dist.util.errors import ArgumentError, UserError
+from dpo_dist.util.lock import FolderBusy, hold_folder
 from dpo_dist.util.logs import setup_logging
 
 logger = logging.getLogger("dpo_dist")
@@ -72,15 +75,43 @@ def post_step(model_args, train_args) -> int:
     return rc
 
 
-def rank_main(prog: str, argv, dataclass_types, run_fn) -> int:
+def hold_output_dir(train_args) -> Path | None:
+    """Global rank 0 holds the output dir (util.lock) for the life of the run, merge included: a second run into
+    the same folder is refused while this one lives, and a crashed run leaves no stale lock. Returns the folder
+    when this call made it (so that a run refused later removes it again while it is still empty)."""
+    if global_rank() != 0:
+        return None
+    out = Path(train_args.output_dir).expanduser()
+    made = None if out.is_dir() else out
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        hold_folder(out)
+        return made
+    except FolderBusy:
+        raise ArgumentError(
+            f"--output_dir {out} is in use by another run that is going on now. Nothing was changed. Wait for it to "
+            "end, or choose a new --output_dir."
+        ) from None
+
+
+def _remove_if_empty(folder: Path | None) -> None:
+    if folder is not None:
+        try:
+            folder.rmdir()  # only when nothing was written into it
+        except OSError:
+            pass
+
+
+def rank_main(prog: str, argv, dataclass_types, run_fn, *, task: str = "dpo") -> int:
     """The rank entry shared by dpo and sft: parse and check (exit 2, nothing created), run (exit 1 on a
     user error; 2 for a bad argument found late), tear the process group down, then the merge post-step."""
     setup_logging()
     try:
-        parsed = parse_args(argv, dataclass_types)
+        parsed = parse_args(argv, dataclass_types, task=task)  # task: which options apply (dpo_dist.args)
         model_args, data_args, train_args = parsed[:3]
-        validate(model_args, data_args, train_args)
+        validate(model_args, data_args, train_args, task=task)
         check_output_dir(train_args)
+        made = hold_output_dir(train_args)
     except ArgumentError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -90,7 +121,17 @@ def rank_main(prog: str, argv, dataclass_types, run_fn) -> int:
         logger.error("%s", e)
         print(f"{prog}: error: {e}", file=sys.stderr)
         shutdown_distributed()
+        _remove_if_empty(made)
         return 2 if isinstance(e, ArgumentError) else 1
+    except Exception as e:
+        if not is_no_space(e):
+            raise
+        # A full disk mid-run (a checkpoint, the model, the metrics): one plain message, not a traceback. What
+        # was being written is incomplete and the resume check (util.checkpoint) will not take it.
+        msg = no_space_message(train_args.output_dir) or f"no space left on {train_args.output_dir} ({e})"
+        logger.error("%s", msg)
+        print(f"{prog}: error: {msg}", file=sys.stderr)
+        return 1
     shutdown_distributed()
     return post_step(model_args, train_args)
 

@@ -1,6 +1,7 @@
 """SFT step of the pipeline: supervised fine-tuning on the chosen responses, before DPO.
 
-Same arguments, launcher and ZeRO configs as `dpo_dist.dpo`; TRL's `SFTTrainer` does the work
+Same arguments, launcher and ZeRO configs as `dpo_dist.dpo`, less the DPO-only options, which are refused by name
+(`dpo_dist.args.DPO_ONLY_OPTIONS`); TRL's `SFTTrainer` does the work
 (optimum-habana's `GaudiSFTTrainer` on HPU). The result is merged into `<output_dir>_merged`
 like a DPO run, and that folder is DPO's starting point (`sft_dpo_init_merged`).
 
@@ -20,10 +21,12 @@ from dpo_dist.data.preference import load_preference_splits, with_bos
 from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
 from dpo_dist.train import gaudi_trainer
 from dpo_dist.train.engine import tokenize_pair
+from dpo_dist.train.reshard import finish_reshard, prepare_reshard, watch_reshard
 from dpo_dist.train.runtime import exit_now, rank_main
 from dpo_dist.train.trl_trainer import dpo_config_kwargs
 from dpo_dist.util.atomic import write_json_atomic
 from dpo_dist.util.checkpoint import resolve_checkpoint
+from dpo_dist.util.errors import ArgumentError
 from dpo_dist.util.layout import METRICS_FILE
 
 logger = logging.getLogger("dpo_dist.sft")
@@ -38,24 +41,39 @@ class SFTArguments:
     remove_unused_columns: bool = field(default=False, metadata={"help": "Passed to the trainer (kept for the seed's users)."})
 
 
-def sft_rows(ds, eos: str):
-    """prompt/chosen/rejected → prompt/completion: trl 0.22's SFTTrainer puts the loss on the completion only."""
-    return ds.map(lambda r: {"prompt": r["prompt"], "completion": r["chosen"] + eos},
-                  remove_columns=["chosen", "rejected"], desc="sft rows")
-
-
 def sft_features(row: dict, tokenizer, max_len: int) -> dict:
-    """One tokenised SFT example with the loss on the response only (labels -100 on the prompt): the rows the
-    Gaudi trainer (trl 0.9.6, which would train on the whole text) gets. The engine's tokenisation, so the
-    response ends with EOS; a prompt too long for ``max_len`` keeps its end, as DPO's rows do."""
+    """One tokenised SFT example with the loss on the response only (labels -100 on the prompt). The engine's
+    tokenisation, so the response ends with EOS; a prompt too long for ``max_len`` keeps its end, as DPO's rows
+    do (``prompt_cut`` says so; sft_dataset counts and removes it)."""
     ids = tokenize_pair({"prompt": row["prompt"], "chosen": row["chosen"], "rejected": ""}, tokenizer, None, max_len)
     completion = ids["chosen_input_ids"]
     prompt = ids["prompt_input_ids"][-(max_len - len(completion)):] if len(completion) < max_len else []
     return {"input_ids": prompt + completion, "attention_mask": [1] * (len(prompt) + len(completion)),
-            "labels": [-100] * len(prompt) + completion}
+            "labels": [-100] * len(prompt) + completion, "prompt_cut": len(prompt) < len(ids["prompt_input_ids"])}
 
 
-DPO_ONLY = {
+def sft_dataset(ds, tokenizer, max_len: int, *, trainer_api: str, split_name: str):
+    """prompt/chosen/rejected → the tokenised rows the SFT trainer gets (sft_features), for both trainers: labels
+    for the Gaudi trainer (trl 0.9.6, which would train on the whole text); input_ids + completion_mask for trl
+    0.22's SFTTrainer, which takes tokenised rows as they are and puts its completion-only loss on the mask. Its
+    own tokenisation would cut a long prompt-and-response at its end, so that a prompt longer than ``max_len``
+    left no response to learn: here the prompt keeps its end and the response stays whole, on every backend."""
+    out = ds.map(sft_features, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len}, remove_columns=ds.column_names,
+                 desc=f"sft features ({split_name})")
+    cut = sum(out["prompt_cut"])
+    if cut:
+        logger.warning("%s: %d of %d prompts are left-truncated to fit max_length=%d tokens with their response (the "
+                       "end is kept, as in DPO)", split_name, cut, len(out), max_len)
+    out = out.remove_columns("prompt_cut")
+    if trainer_api == "gaudi":
+        return out
+    return out.map(lambda r: {"completion_mask": [int(x != -100) for x in r["labels"]]},
+                   remove_columns=["labels", "attention_mask"], desc=f"completion mask ({split_name})")
+
+
+# Keywords of the trainers' DPO configs that their SFT configs do not take (max_length and remove_unused_columns
+# are set for SFT below). The flags SFT refuses are dpo_dist.args.DPO_ONLY_OPTIONS.
+DPO_CONFIG_KEYS = {
     "beta", "loss_type", "label_smoothing", "max_length", "max_prompt_length", "max_completion_length",
     "max_target_length", "truncation_mode", "precompute_ref_log_probs", "force_use_ref_model",
     "generate_during_eval", "disable_dropout", "remove_unused_columns",
@@ -65,7 +83,7 @@ DPO_ONLY = {
 def dpo_config_kwargs_common(train_args) -> dict:
     """The TrainingArguments part of the DPO mapping: one mapping of our flags, shared by SFT and DPO."""
     kw = dpo_config_kwargs(ModelArguments(), None, train_args, reference="adapter")
-    return {k: v for k, v in kw.items() if k not in DPO_ONLY}
+    return {k: v for k, v in kw.items() if k not in DPO_CONFIG_KEYS}
 
 
 def run(model_args, data_args, train_args, sft_args):
@@ -75,7 +93,12 @@ def run(model_args, data_args, train_args, sft_args):
     apply_env(backend)
     if sft_args.split:
         data_args.dataset_train_split = sft_args.split
+    if sft_args.max_seq_length is not None and sft_args.max_seq_length < 1:
+        raise ArgumentError(f"--max_seq_length must be a positive number of tokens (got {sft_args.max_seq_length}); "
+                            "leave it out to use --max_length.")
     max_len = sft_args.max_seq_length or train_args.max_length
+    checkpoint = resolve_checkpoint(train_args)
+    reshard = prepare_reshard(checkpoint, train_args)  # saved by another number of ranks: accumulation, DS config
     if backend.trainer_api == "gaudi":
         from optimum.habana import GaudiConfig  # deferred: HPU only
         from optimum.habana.transformers.modeling_utils import adapt_transformers_to_gaudi  # deferred: HPU only
@@ -84,7 +107,7 @@ def run(model_args, data_args, train_args, sft_args):
         adapt_transformers_to_gaudi()  # before any model loads (the twin's args do not call it)
         kw = gaudi_trainer.gaudi_training_args_kwargs(model_args, data_args, train_args, reference="adapter",
                                                        twin=backend.twin)
-        kw = {k: v for k, v in kw.items() if k not in DPO_ONLY}
+        kw = {k: v for k, v in kw.items() if k not in DPO_CONFIG_KEYS}
         args = GaudiSFTConfig(**kw, max_seq_length=max_len, packing=False, remove_unused_columns=False)
         gaudi_config = GaudiConfig(**gaudi_trainer.gaudi_config_kwargs(train_args))
         load_kwargs = gaudi_trainer.model_load_kwargs_gaudi(train_args)
@@ -96,18 +119,13 @@ def run(model_args, data_args, train_args, sft_args):
                          remove_unused_columns=sft_args.remove_unused_columns)
         load_kwargs = {}
 
+    finish_reshard(reshard, args)  # rank 0 converts to DeepSpeed's universal checkpoint, the others wait
     tokenizer = load_tokenizer(model_args)
     with args.main_process_first(desc="dataset"):
         train, held_out = load_preference_splits(data_args, train_args.seed)
         train, held_out = with_bos(train, tokenizer), with_bos(held_out, tokenizer)
-        if backend.trainer_api == "gaudi":
-            cols = train.column_names
-            train = train.map(sft_features, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len}, remove_columns=cols,
-                              desc="sft features")
-            held_out = held_out.map(sft_features, fn_kwargs={"tokenizer": tokenizer, "max_len": max_len},
-                                    remove_columns=cols, desc="sft features")
-        else:
-            train, held_out = sft_rows(train, tokenizer.eos_token), sft_rows(held_out, tokenizer.eos_token)
+        train = sft_dataset(train, tokenizer, max_len, trainer_api=backend.trainer_api, split_name="train")
+        held_out = sft_dataset(held_out, tokenizer, max_len, trainer_api=backend.trainer_api, split_name="test")
     set_seed(train_args.seed)
     model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=load_kwargs)
     peft_config = lora_config(model_args, family) if model_args.use_peft else None
@@ -124,7 +142,8 @@ def run(model_args, data_args, train_args, sft_args):
     else:
         trainer = SFTTrainer(model=model, args=args, train_dataset=train, eval_dataset=held_out,
                              processing_class=tokenizer, peft_config=peft_config)
-    trainer.train(resume_from_checkpoint=resolve_checkpoint(train_args))
+    watch_reshard(reshard, trainer)
+    trainer.train(resume_from_checkpoint=checkpoint)
     metrics = trainer.evaluate()
     trainer.save_model(train_args.output_dir)
     if trainer.is_world_process_zero():
@@ -154,7 +173,7 @@ def loss_token_fraction(ds):
 
 
 def main(argv=None) -> int:
-    return rank_main("dpo_dist.sft", argv, ARG_DATACLASSES + (SFTArguments,), run)
+    return rank_main("dpo_dist.sft", argv, ARG_DATACLASSES + (SFTArguments,), run, task="sft")
 
 
 if __name__ == "__main__":

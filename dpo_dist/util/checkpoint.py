@@ -1,5 +1,6 @@
 """The output folder and checkpoint layout: refuse an output folder that would lose work, and find a
-checkpoint that is complete for this world size before any model loads.
+checkpoint that is complete (every file of the ranks that saved it) before any model loads. A checkpoint saved
+by another number of ranks is complete too: `dpo_dist.train.reshard` resumes it on this run's ranks.
 
 Hand-written: transformers resumes from whatever folder it is given and fails late (or silently restarts
 the LR schedule) on a checkpoint that a killed run left half-written; these checks name what is missing.
@@ -84,35 +85,68 @@ def _file_problem(path: Path) -> str | None:
     return None
 
 
-def _deepspeed_state_problems(tag_dir: Path, world_size: int) -> list[str]:
+def _zero_shard_ranks(tag_dir: Path) -> tuple[set[int], set[int], list[str]]:
+    """(ranks with a ZeRO-3 model-state file, ranks with a ZeRO optimizer-state file, plain model-state files)."""
     names = sorted(os.listdir(tag_dir))
     zero3_model = {int(m[1]) for n in names if (m := _DS_ZERO3_MODEL.match(n))}
     zero_optim = {int(m[1]) for n in names if (m := _DS_ZERO_OPTIM.match(n))}
     plain_model = [n for n in names if _DS_MODEL.match(n)]
+    return zero3_model, zero_optim, plain_model
+
+
+_RNG_RANK = re.compile(r"^rng_state_(\d+)\.pth$")
+
+
+def deepspeed_tag(ckpt) -> str | None:
+    """The DeepSpeed tag (global_stepN) of a checkpoint folder: what its 'latest' file names, else its one
+    global_step* folder; None when it holds no DeepSpeed engine state."""
+    ckpt = Path(ckpt)
+    latest = ckpt / "latest"
+    if latest.is_file():
+        return latest.read_text().strip() or None
+    ds_dirs = sorted(p.name for p in ckpt.glob("global_step*") if p.is_dir() and not p.name.endswith("_universal"))
+    return ds_dirs[0] if len(ds_dirs) == 1 else None
+
+
+def saved_world_size(ckpt) -> int | None:
+    """How many ranks saved `ckpt`, from its file names alone: the ZeRO shards of its DeepSpeed tag (one per
+    rank), else the trainer's RNG files (rng_state_R.pth per rank; rng_state.pth alone: one rank). None when
+    the names do not tell."""
+    ckpt = Path(ckpt)
+    tag = deepspeed_tag(ckpt)
+    if tag and (ckpt / tag).is_dir():
+        zero3_model, zero_optim, _ = _zero_shard_ranks(ckpt / tag)
+        if zero3_model or zero_optim:
+            return max(zero3_model | zero_optim) + 1
+    rng = {int(m[1]) for p in ckpt.glob("rng_state_*.pth") if (m := _RNG_RANK.match(p.name))}
+    if rng:
+        return max(rng) + 1
+    return 1 if (ckpt / "rng_state.pth").is_file() else None
+
+
+def _deepspeed_state_problems(tag_dir: Path, saved: int) -> list[str]:
+    """What is missing or damaged in a DeepSpeed tag folder saved by `saved` ranks."""
+    zero3_model, zero_optim, plain_model = _zero_shard_ranks(tag_dir)
     rel = tag_dir.name
     if not zero3_model and not plain_model:
         return [f"{rel}/ holds no *_model_states.pt (the DeepSpeed engine state was not saved)"]
     problems = []
-    saved = max(zero3_model | zero_optim) + 1 if (zero3_model or zero_optim) else 1
-    if saved > world_size:
-        problems.append(
-            f"{rel}/ was saved by {saved} ranks but this run has {world_size}; a ZeRO checkpoint resumes only at the "
-            "same number of ranks (launch with that many, or convert it with DeepSpeed's ds_to_universal)"
-        )
-    expected = range(max(saved, world_size))
+    expected = range(saved)
     if zero3_model or (zero_optim and not plain_model):
         problems += [f"{rel}/zero_pp_rank_{r}_mp_rank_00_model_states.pt is missing" for r in expected if r not in zero3_model]
     if zero_optim or zero3_model:
         problems += [f"{rel}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt is missing" for r in expected if r not in zero_optim]
-    for n in names:
+    for n in sorted(os.listdir(tag_dir)):
         if n.endswith(".pt") and (p := _file_problem(tag_dir / n)):
             problems.append(f"{rel}/{p}")
     return problems
 
 
 def checkpoint_problems(ckpt, world_size: int = 1, deepspeed: bool = False) -> list[str]:
-    """What stops an exact resume from `ckpt` (empty list: looks complete). Reads only names, sizes, the JSON
-    state and zip directories, so it is cheap even for 70B checkpoints and needs no model or process group."""
+    """What stops a resume from `ckpt` (empty list: looks complete). Reads only names, sizes, the JSON
+    state and zip directories, so it is cheap even for 70B checkpoints and needs no model or process group.
+    Every file of the ranks that saved it must be there; `world_size` (this run's ranks) counts only when the
+    file names do not tell how many ranks saved it."""
     ckpt = Path(ckpt)
     if not ckpt.is_dir():
         return [f"{ckpt} is not a folder"]
@@ -129,15 +163,18 @@ def checkpoint_problems(ckpt, world_size: int = 1, deepspeed: bool = False) -> l
     except OSError as e:
         problems.append(f"trainer_state.json cannot be read ({e.strerror})")
     latest = ckpt / "latest"
-    ds_dirs = sorted(p.name for p in ckpt.glob("global_step*") if p.is_dir())
+    ds_dirs = sorted(p.name for p in ckpt.glob("global_step*") if p.is_dir() and not p.name.endswith("_universal"))
+    # The ranks that saved it (file names; this run's ranks when the names do not tell): its shards and RNG
+    # files must all be there, whatever this run's number of ranks.
+    saved = saved_world_size(ckpt) or world_size
     if deepspeed or latest.exists() or ds_dirs:
-        tag = latest.read_text().strip() if latest.is_file() else (ds_dirs[0] if len(ds_dirs) == 1 else None)
+        tag = deepspeed_tag(ckpt)
         if not tag:
             problems.append("the DeepSpeed engine state is missing (no 'latest' file naming a global_step*/ folder)")
         elif not (ckpt / tag).is_dir():
             problems.append(f"{tag}/ (named by the 'latest' file) is missing")
         else:
-            problems += _deepspeed_state_problems(ckpt / tag, world_size)
+            problems += _deepspeed_state_problems(ckpt / tag, saved)
     else:
         if not any((ckpt / n).is_file() for n in _HF_WEIGHTS):
             problems.append("no model weights (model.safetensors, adapter_model.safetensors, ...)")
@@ -145,7 +182,7 @@ def checkpoint_problems(ckpt, world_size: int = 1, deepspeed: bool = False) -> l
             problems.append("optimizer.pt is missing")
     if not (ckpt / "scheduler.pt").is_file():
         problems.append("scheduler.pt is missing")
-    rng = [f"rng_state_{i}.pth" for i in range(world_size)] if world_size > 1 else ["rng_state.pth"]
+    rng = [f"rng_state_{i}.pth" for i in range(saved)] if saved > 1 else ["rng_state.pth"]
     problems += [f"{n} is missing (the RNG state of that rank)" for n in rng if not (ckpt / n).is_file()]
     for p in sorted(ckpt.iterdir()):
         if p.is_file() and p.suffix in (".pt", ".pth") and (msg := _file_problem(p)):
@@ -160,8 +197,9 @@ def _checkpoints_newest_first(output_dir) -> list[Path]:
 
 
 def resolve_checkpoint(train_args) -> str | None:
-    """'latest' or a path → a checkpoint folder that is complete for this world size; otherwise an error naming
-    the checkpoint and what is missing. Runs before any model loads and writes nothing."""
+    """'latest' or a path → a checkpoint folder that is complete; otherwise an error naming the checkpoint and
+    what is missing. Runs before any model loads and writes nothing. Whether it can resume on this run's number
+    of ranks is `dpo_dist.train.reshard`'s question."""
     value = train_args.resume_from_checkpoint
     if not value:
         return None
@@ -197,3 +235,22 @@ def resolve_checkpoint(train_args) -> str | None:
             f"Nothing was changed or deleted. To go on, {hint}."
         )
     return str(ckpt)
+
+
+def checkpoint_step(ckpt) -> int | None:
+    """The global step in the name checkpoint-<step>, or None."""
+    m = re.match(rf"^{re.escape(CHECKPOINT_PREFIX)}(\d+)$", Path(ckpt).name)
+    return int(m[1]) if m else None
+
+
+def newest_complete_checkpoint(output_dir, world_size: int, deepspeed: bool) -> tuple[Path | None, list[tuple[Path, list[str]]]]:
+    """(the newest checkpoint-* in output_dir that is complete for this world size, or None; the newer ones that
+    are not, each with what is wrong). A checkpoint a rank died while writing is torn: it is skipped, never used."""
+    out = Path(output_dir)
+    skipped = []
+    for ckpt in _checkpoints_newest_first(out) if out.is_dir() else []:
+        problems = checkpoint_problems(ckpt, world_size=world_size, deepspeed=deepspeed)
+        if not problems:
+            return ckpt, skipped
+        skipped.append((ckpt, problems))
+    return None, skipped

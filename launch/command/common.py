@@ -27,6 +27,7 @@ from dpo_dist.backend import BACKENDS, DEVICES, HPU_ENV, twin_requested
 from dpo_dist.util.logs import is_secret_name
 from launch.command.hostfile import HostEntry, host_problem
 from launch.command.quoting import check_deepspeed_env_value, check_env_name, check_reshell_safe, quote
+from launch.plan.hardware import GAUDI_NODE_CARDS
 
 __all__ = [
     "CommandError",
@@ -80,7 +81,7 @@ class DeviceLaunch:
 
 DEVICE_LAUNCH: dict[str, DeviceLaunch] = {
     "hpu": DeviceLaunch(
-        family="Gaudi", label="Gaudi ({name})", launchers=("gaudi_spawn", "deepspeed"), max_cards=8,
+        family="Gaudi", label="Gaudi ({name})", launchers=("gaudi_spawn", "deepspeed"), max_cards=GAUDI_NODE_CARDS,
         rank_env=HPU_ENV,
         rank_env_reasons={"PT_HPU_LAZY_MODE": "lazy mode is what GaudiDPOConfig(use_lazy_mode=True) expects"},
         plan_env=True, twin=True, forward_prefixes=("PT_HPU_", "HCCL_"),

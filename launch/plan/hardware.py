@@ -41,6 +41,9 @@ class Hardware:
     name: str
     card_memory_gib: float  # usable per card
     peak_bf16_tflops: float
+    # Cards in one node. Gaudi: the server's fixed GAUDI_NODE_CARDS, and no more per node can be asked for (the
+    # launch command's DEVICE_LAUNCH["hpu"].max_cards is the same constant; plan and train both apply it).
+    # CUDA / CPU: a typical node, the planner's node size when only a card count is given.
     cards_per_node: int
     overhead: float  # fraction of the formula total added for runtime overhead
     runtime_gib: float = 0.0  # fixed per-rank reserve (interpreter, libraries, data) outside the formulas
@@ -65,18 +68,20 @@ class Hardware:
         return BACKENDS[self.device]
 
 
+GAUDI_NODE_CARDS = 8  # a Gaudi2 / Gaudi3 server (HLS-Gaudi2, HLS-Gaudi3) holds 8 cards, no more and no fewer
+
 HARDWARE: dict[str, Hardware] = {
     # Gaudi2: 96 GB HBM, 94.62 GiB usable (measured), ~432 TFLOPS bf16, 8 cards/node;
     # 21 x 100 GbE scale-up ports per card, 3 x 100 GbE scale-out, PCIe Gen4 x16.
     "gaudi2": Hardware(
-        "gaudi2", 94.62, 432.0, 8, overhead=0.95, mfu=0.42,
+        "gaudi2", 94.62, 432.0, GAUDI_NODE_CARDS, overhead=0.95, mfu=0.42,
         intra_node_gbs=262.5, inter_node_gbs=37.5, host_link_gbs=25.0, device="hpu",
     ),
     # Gaudi3: 128 GB HBM; usable scaled by Gaudi2's measured ratio (94.62/96), not
     # measured. ~1835 TFLOPS bf16; 21 x 200 GbE scale-up, 3 x 200 GbE scale-out, PCIe Gen5.
     # Overhead assumed equal to Gaudi2's (same software stack).
     "gaudi3": Hardware(
-        "gaudi3", round(128 * 94.62 / 96, 2), 1835.0, 8, overhead=0.95, mfu=0.11,
+        "gaudi3", round(128 * 94.62 / 96, 2), 1835.0, GAUDI_NODE_CARDS, overhead=0.95, mfu=0.11,
         intra_node_gbs=525.0, inter_node_gbs=75.0, host_link_gbs=50.0, device="hpu",
     ),
     # CUDA: an 80 GB H100-class card by default (override card_memory_gib in PlanOptions),

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import time
@@ -22,167 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PY, ROOT, cpu_env, free_port
+from support.launched import LaunchedRun, cmdline, environ, kill_leftovers, pids, wait_no_leftovers
 
 STOP_WITHIN_S = 60
-START_TIMEOUT_S = 240
-
-# Same JIT-extension cache and ninja as test_resume.py (see there): no rebuild between the two files.
-ENV = cpu_env(TORCH_EXTENSIONS_DIR=ROOT / ".cache" / "torch_extensions",
-              PATH=str(Path(PY).parent) + os.pathsep + os.environ.get("PATH", ""))
-
-
-# --- /proc helpers -------------------------------------------------------------------------------------------
-
-
-def _stat(pid: int):
-    """(state, ppid, start time) or None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = raw[raw.rindex(")") + 2:].split()
-    return rest[0], int(rest[1]), int(rest[19])
-
-
-def _cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-    except OSError:
-        return ""
-
-
-def _environ(pid: int) -> dict:
-    try:
-        raw = Path(f"/proc/{pid}/environ").read_bytes()
-    except OSError:
-        return {}
-    return dict(kv.decode(errors="replace").split("=", 1) for kv in raw.split(b"\0") if b"=" in kv)
-
-
-def _pids():
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def _descendants(root: int) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid in _pids():
-        st = _stat(pid)
-        if st:
-            children.setdefault(st[1], []).append(pid)
-    out, todo = set(), [root]
-    while todo:
-        for c in children.get(todo.pop(), ()):
-            if c not in out:
-                out.add(c)
-                todo.append(c)
-    return out
-
-
-def _alive(pid: int, start=None) -> bool:
-    """Running (not a zombie), and, given its start time, still the same process (pids get reused)."""
-    st = _stat(pid)
-    return st is not None and st[0] not in ("Z", "X") and (start is None or st[2] == start)
-
-
-def _leftovers(marker: str, seen: dict) -> list[int]:
-    """Live processes of this run: one seen under its launcher (same pid and start time), or one whose command
-    line holds `marker` (a path unique to this test)."""
-    found = {pid for pid, start in seen.items() if _alive(pid, start)}
-    found |= {pid for pid in _pids() if pid != os.getpid() and marker in _cmdline(pid) and _alive(pid)}
-    return sorted(found)
-
-
-def _wait_no_leftovers(marker: str, seen: dict, timeout: float = 10.0) -> list[str]:
-    deadline = time.monotonic() + timeout
-    while True:
-        left = _leftovers(marker, seen)
-        if not left or time.monotonic() > deadline:
-            return [f"{pid}: {_cmdline(pid)[:200]}" for pid in left]
-        time.sleep(0.2)
-
-
-def _kill_leftovers(marker: str, seen: dict) -> None:
-    for pid in _leftovers(marker, seen):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-
-
-# --- a real launch ------------------------------------------------------------------------------------------
-
-
-class LaunchedRun:
-    def __init__(self, tmp_path: Path, tiny_assets, *dpo_extra: str):
-        self.run_dir = tmp_path / "run"
-        self.stdout_path, self.stderr_path = tmp_path / "launcher.out", tmp_path / "launcher.err"
-        # LoRA (the adapter-off reference: no reference pass before the first step) under ZeRO-3, as the planner's
-        # launch would run it; batch size: the plan's (ds_config.json pins it).
-        argv = [PY, "-m", "launch", "train", "--model", str(tiny_assets.llama_dir), "--hardware", "cpu",
-                "--cards", "2", "--zero_stage", "3", "--max_length", "256", "--max_prompt_length", "128",
-                "--run_dir", str(self.run_dir), "--master_port", str(free_port()),
-                "--", "--dataset_name", str(tiny_assets.data_dir), "--max_steps", "100000", "--logging_steps", "1",
-                "--no_merge", "--max_train_samples", "64", "--max_eval_samples", "16",
-                *dpo_extra]
-        self._out, self._err = open(self.stdout_path, "w"), open(self.stderr_path, "w")
-        self.proc = subprocess.Popen(argv, cwd=ROOT, env=ENV, stdout=self._out, stderr=self._err,
-                                     start_new_session=True)
-        self.seen: dict[int, int] = {}  # pid -> start time of every process seen under the launcher
-
-    def note_tree(self) -> set[int]:
-        now = _descendants(self.proc.pid)
-        for pid in now:
-            st = _stat(pid)
-            if st and pid not in self.seen:
-                self.seen[pid] = st[2]
-        return now
-
-    @property
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    @property
-    def stderr(self) -> str:
-        return self.stderr_path.read_text(errors="replace")
-
-    def wait_for(self, predicate, what: str, timeout: float = START_TIMEOUT_S):
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            self.note_tree()
-            if self.proc.poll() is not None:
-                pytest.fail(f"the launcher exited ({self.proc.returncode}) while waiting for {what}:\n"
-                            f"{self.stdout[-4000:]}\n{self.stderr[-2000:]}")
-            value = predicate()
-            if value:
-                return value
-            time.sleep(0.2)
-        pytest.fail(f"no {what} within {timeout}s:\n{self.stdout[-4000:]}")
-
-    def rank_pid(self, rank: int):
-        for pid in self.note_tree():
-            if "dpo_dist.dpo" in _cmdline(pid) and _environ(pid).get("RANK") == str(rank) \
-                    and _environ(_stat(pid)[1] if _stat(pid) else 0).get("RANK") is None:
-                return pid
-        return None
-
-    def wait_exit(self, timeout: float) -> tuple[int, float]:
-        t0 = time.monotonic()
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"the launcher did not exit within {timeout}s:\n{self.stdout[-3000:]}\n{self.stderr[-2000:]}")
-        return rc, time.monotonic() - t0
-
-    def cleanup(self):
-        """Whatever happened: nothing of this run survives the test."""
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its session: the launcher started it with setsid
-        _kill_leftovers(str(self.run_dir), self.seen)
-        if self.proc.poll() is None:
-            self.proc.wait(timeout=10)
-        self._out.close()
-        self._err.close()
 
 
 def _training_step_logged(run: LaunchedRun) -> bool:
@@ -204,7 +45,7 @@ def test_sigkill_of_a_rank_stops_the_run_and_names_it(tmp_path, tiny_assets):
         assert took < STOP_WITHIN_S
         assert "rank 1 died (signal SIGKILL)" in run.stderr, run.stderr
         assert "the other ranks were stopped" in run.stderr
-        left = _wait_no_leftovers(str(run.run_dir), run.seen)
+        left = wait_no_leftovers(str(run.run_dir), run.seen)
         assert not left, left
     finally:
         run.cleanup()
@@ -235,7 +76,7 @@ def test_sigterm_to_the_launcher_is_forwarded_and_keeps_checkpoints(tmp_path, ti
         print(f"SIGTERM launcher: exited {rc} after {took:.1f} s: {run.stderr.strip().splitlines()[-1]}")
         assert rc == 128 + signal.SIGTERM, (rc, run.stderr)
         assert "stopped by signal SIGTERM" in run.stderr, run.stderr
-        left = _wait_no_leftovers(str(run.run_dir), run.seen)
+        left = wait_no_leftovers(str(run.run_dir), run.seen)
         assert not left, left
         # The checkpoint that was complete before the signal is still there, file for file.
         assert _complete(ckpt)
@@ -307,10 +148,10 @@ def test_spawn_names_the_rank_that_died(tmp_path, victim, inner):
         deadline = time.monotonic() + 30
         pid = None
         while pid is None and time.monotonic() < deadline:
-            for p in _pids():
-                cmd = _cmdline(p)
+            for p in pids():
+                cmd = cmdline(p)
                 if marker in cmd and str(script) not in cmd and f"--local_rank={victim}" in cmd \
-                        and _environ(p).get("RANK") == str(victim):
+                        and environ(p).get("RANK") == str(victim):
                     pid = p
             time.sleep(0.1)
         assert pid, "fake rank did not start"
@@ -323,7 +164,7 @@ def test_spawn_names_the_rank_that_died(tmp_path, victim, inner):
         assert r.returncode != 0
         assert r.failed == f"rank {victim} died (signal SIGKILL); the other ranks were stopped", r.failed
         assert time.monotonic() - t0 < (10 if inner == "stuck" else 5)
-        assert not _wait_no_leftovers(marker, {}, timeout=5)
+        assert not wait_no_leftovers(marker, {}, timeout=5)
     finally:
-        _kill_leftovers(marker, {})
+        kill_leftovers(marker, {})
         t.join(timeout=10)

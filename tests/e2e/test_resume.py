@@ -233,9 +233,8 @@ def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     good = runs.out["full"]["B"] / CKPT
     assert checkpoint_problems(good, world_size=2, deepspeed=True) == []
-    # The same checkpoint on 4 ranks: ZeRO shards cannot be re-split by a plain resume.
-    assert any("saved by 2 ranks but this run has 4" in p or "zero_pp_rank_2" in p
-               for p in checkpoint_problems(good, world_size=4, deepspeed=True))
+    # The same checkpoint on 4 ranks is complete too: resharding it is dpo_dist.train.reshard's job (test_reshard.py).
+    assert checkpoint_problems(good, world_size=4, deepspeed=True) == []
 
     out = tmp_path / "out"
     out.mkdir()

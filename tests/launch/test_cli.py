@@ -507,9 +507,9 @@ def test_batch_flags_after_double_dash_win_and_the_ds_config_follows(tmp_path):
     import launch.cli as cli
 
     a = cli.TrainArguments(model="google/gemma-3-270m", hardware="cpu", cards=2, run_dir=str(tmp_path / "run"))
-    plan, _, run = cli.prepare_run(a, ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps=2"],
-                                   environ={})
-    ds = json.loads((run / "ds_config.json").read_text())
+    run = cli.prepare_run(a, ["--per_device_train_batch_size", "3", "--gradient_accumulation_steps=2"], environ={})
+    plan = run.plan
+    ds = json.loads((run.run_dir / "ds_config.json").read_text())
     assert (plan.micro_batch_size, plan.gradient_accumulation_steps) == (3, 2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (3, 2, 12)
     with pytest.raises(cli.LaunchError, match="positive integer"):

@@ -44,3 +44,17 @@ def test_bad_arguments_exit_2(tmp_path):
     with pytest.raises(MergeArgumentError, match="contains"):
         merge_model(tmp_path / "empty", tmp_path)
     assert not (tmp_path / "out").exists()
+
+
+def test_overwrite_never_replaces_a_folder_that_is_not_a_model(tmp_path):
+    """`merge --output ~ --overwrite` must not move a home folder aside and delete it: refused, nothing changed."""
+    from dpo_dist.post.merge import MergeArgumentError, merge_model
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("mine")
+    (tmp_path / "ckpt").mkdir()
+    with pytest.raises(MergeArgumentError, match="not a model folder"):
+        merge_model(tmp_path / "ckpt", home, overwrite=True)
+    assert [p.name for p in home.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "home"]
