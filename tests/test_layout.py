@@ -8,6 +8,7 @@ import ast
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +120,12 @@ def test_nothing_cites_an_issue_or_a_file_outside_the_repository(kind):
             for p in files if p.is_file() and p.name != "test_layout.py"
             for i, line in enumerate(p.read_text().splitlines(), 1) if CITATION.search(line)]
     assert not hits, "\n".join(hits)
+
+
+def test_test_files_have_unique_names():
+    """pytest imports test files by their base name (no packages under tests/): two files of one name stop the
+    whole suite at collection ("import file mismatch")."""
+    seen: dict[str, Path] = {}
+    for f in sorted((ROOT / "tests").rglob("test_*.py")):
+        assert f.name not in seen, f"{f.relative_to(ROOT)} and {seen[f.name].relative_to(ROOT)} share a name"
+        seen[f.name] = f

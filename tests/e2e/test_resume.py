@@ -233,7 +233,7 @@ def test_checkpoint_check_cases(runs, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     good = runs.out["full"]["B"] / CKPT
     assert checkpoint_problems(good, world_size=2, deepspeed=True) == []
-    # The same checkpoint on 4 ranks is complete too: resharding it is dpo_dist.train.reshard's job (test_reshard.py).
+    # The same checkpoint on 4 ranks is complete too: resharding it is dpo_dist.train.reshard's job (test_reshard_runs.py).
     assert checkpoint_problems(good, world_size=4, deepspeed=True) == []
 
     out = tmp_path / "out"

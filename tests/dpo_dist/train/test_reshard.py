@@ -2,7 +2,7 @@
 from small stand-in checkpoints (the file names and rank 0's DeepSpeed state, as DeepSpeed writes them), every
 refusal with its numbers and fix, the reuse of a complete conversion, and the claim the reshard rests on: the pairs
 of a global step do not depend on the number of ranks when ranks x accumulation is kept (both samplers).
-The real conversion and the loss curve across it: tests/e2e/test_reshard.py."""
+The real conversion and the loss curve across it: tests/e2e/test_reshard_runs.py."""
 
 from __future__ import annotations
 
