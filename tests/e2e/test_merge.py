@@ -315,7 +315,7 @@ def test_missing_zero_shard_is_named(tmp_path, trained):
 
 
 def test_existing_output_is_refused_without_overwrite(tmp_path, trained):
-    from dpo_dist.post.merge import merge_model
+    from dpo_dist.post.merge import MergeArgumentError, merge_model
 
     src = trained("llama", "lora")
     out = tmp_path / "merged"
@@ -325,8 +325,15 @@ def test_existing_output_is_refused_without_overwrite(tmp_path, trained):
     assert res.returncode == 2 and "--overwrite" in res.stdout and "Traceback" not in res.stdout, res.stdout[-3000:]
     assert [p.name for p in out.iterdir()] == ["precious.txt"] and (out / "precious.txt").read_text() == "do not touch"
 
-    report = merge_model(src, out, overwrite=True)
-    assert report["kind"] == "adapter" and (out / "config.json").exists() and not (out / "precious.txt").exists()
-    assert _siblings(out) == []
+    # --overwrite replaces an earlier merged model, never a folder of other files.
+    with pytest.raises(MergeArgumentError, match="not a model folder"):
+        merge_model(src, out, overwrite=True)
+    assert [p.name for p in out.iterdir()] == ["precious.txt"]
+    earlier = tmp_path / "earlier"
+    merge_model(src, earlier)
+    (earlier / "stale.txt").write_text("left by the earlier merge")
+    report = merge_model(src, earlier, overwrite=True)
+    assert report["kind"] == "adapter" and (earlier / "config.json").exists() and not (earlier / "stale.txt").exists()
+    assert _siblings(earlier) == []
 
 
