@@ -445,7 +445,8 @@ def _launch(a: TrainArguments, extra: list[str], run: PreparedRun) -> int:
     def launch_once(more: list[str]):
         cmd = run.command_with(more) if more else run.cmd
         result = spawn(cmd.commands, env, log_path=run.run_dir / "launch.log",
-                       idle_timeout_s=idle_s if a.max_restarts else None)
+                       idle_timeout_s=idle_s if a.max_restarts else None,
+                       expected_ranks=None if a.hostfile else a.cards)  # one node: all its ranks are ours to see
         if a.hardware == "cpu":  # ranks that were killed could not remove their shared-memory buffers
             cleanup_shm_buffers(a.master_port)
         return result

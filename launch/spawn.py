@@ -225,9 +225,15 @@ def stop_all(procs: Sequence[subprocess.Popen], grace_s: float) -> None:
             p.wait()
 
 
-def _failure_message(watch: RankWatch, states: list[dict]) -> str | None:
+def _failure_message(watch: RankWatch, states: list[dict], expected_ranks: int | None = None) -> str | None:
     code = next((st["code"] for st in states if st.get("code") is not None), None)
     found = watch.first_failure(clean=set().union(*(st.get("clean", set()) for st in states)))
+    unseen = expected_ranks is not None and len(watch.ranks) < expected_ranks
+    if found is not None and found[1] is not None and code is not None and (
+            (found[1] & 0x7F == signal.SIGTERM and code != -signal.SIGTERM) or (unseen and found[1] & 0x7F)):
+        # The rank seen to end was stopped by a signal, and a rank this watch never saw (one that died in its first
+        # moments, reaped before a poll) may be the one that failed: do not blame the wrong one.
+        found = None
     if found is None:
         if code is None:
             return None
@@ -246,12 +252,14 @@ def _failure_message(watch: RankWatch, states: list[dict]) -> str | None:
 
 def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Path | None = None, cwd=None,
           grace_s: float = 20.0, poll_s: float = 0.1, discover_s: float = 0.25,
-          rank_failure_grace_s: float = 15.0, idle_timeout_s: float | None = None, sink=None) -> SpawnResult:
+          rank_failure_grace_s: float = 15.0, idle_timeout_s: float | None = None, sink=None,
+          expected_ranks: int | None = None) -> SpawnResult:
     """Run the node commands to completion. Returns 0 only if every one exits 0. When a rank dies, the
     failure message names it (RankWatch), and every process is stopped (stop_all): by the node command itself
     (DeepSpeed's launcher stops the other ranks and exits), or, if it has not within rank_failure_grace_s
     of the rank's death, by us. With idle_timeout_s, a job that prints nothing for that long is a hang and is
-    stopped. When the launch log cannot be written (a full disk), the ranks are stopped with that reason."""
+    stopped. When the launch log cannot be written (a full disk), the ranks are stopped with that reason.
+    expected_ranks: how many ranks this machine should see (None: unknown), so that a rank never seen is allowed for."""
     log_fh = open(log_path, "a") if log_path else None
     out = _Output(sys.stdout if sink is None else sink, log_fh, log_path)
     t_start = time.monotonic()
@@ -329,7 +337,7 @@ def spawn(commands: Sequence[Sequence[str]], env: dict, *, log_path: Path | None
         for t in threads:
             t.join(timeout=5)
         if kind == FAILED:
-            failed = _failure_message(watch, states) or failed
+            failed = _failure_message(watch, states, expected_ranks) or failed
         return SpawnResult(rc, failed, kind, time.monotonic() - t_start)
     finally:
         for s, h in old.items():

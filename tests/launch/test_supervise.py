@@ -194,3 +194,22 @@ def test_launch_train_relaunches_with_the_checkpoint_and_records_the_restart(tmp
                    "--run_dir", str(tmp_path / "other"), "--max_restarts", "-1"])
     assert rc == 2 and "--max_restarts must be 0 or more" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def test_a_rank_stopped_by_the_launcher_is_not_named_as_the_one_that_died():
+    """A rank that died before the watch saw it: DeepSpeed's launcher reports its code (-9) and SIGTERMs the others.
+    The SIGTERMed rank must not be named as the rank that died."""
+    import signal as sig
+
+    from launch.spawn import RankWatch, _failure_message
+
+    watch = RankWatch([])
+    watch.ranks = {101: (0, 1)}  # only rank 0 was seen
+    watch.ended = {101: (3, sig.SIGTERM)}  # ended by the launcher's SIGTERM
+    msg = _failure_message(watch, [{"code": -9}])
+    assert msg.startswith("a rank died (signal SIGKILL; which one is not visible from here)"), msg
+    assert "rank 0" not in msg
+    # A rank seen dying of its own signal is named, unless a rank of this node was never seen (it may be the one).
+    watch.ended = {101: (3, sig.SIGKILL)}
+    assert _failure_message(watch, [{"code": -9}], expected_ranks=1).startswith("rank 0 died (signal SIGKILL)")
+    assert _failure_message(watch, [{"code": -9}], expected_ranks=2).startswith("a rank died (signal SIGKILL; which")
