@@ -186,10 +186,11 @@ def packed_layer_elements(spec: ModelSpec) -> int:
     flash SDPA, no score matrix), counted from the HF modeling code rather than Korthikanti's GPT
     figure (whose 4h GELU MLP undercounts a SwiGLU MLP): each RMSNorm its input and normalised
     output (2h); the q/k/v and MLP projections their (shared) input (h each); SDPA q, k, v and its
-    output, o_proj its input (3q + 2kv); the gated MLP gate, activation, up and product (4i).
-    Gemma 3: four norms per layer, plus q_norm / k_norm over q and k (2q + 2kv)."""
-    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.intermediate_size
-    norms = 4 * 2 * h + 2 * (q + kv) if spec.family == "gemma3" else 2 * 2 * h
+    output, o_proj its input (3q + 2kv); the gated MLP gate, activation, up and product (4i, i the MLP width a
+    token goes through: a mixture of experts' routed and shared experts together). Gemma 2/3: four norms per
+    layer; Qwen3, Gemma 3: q_norm / k_norm over q and k (2q + 2kv)."""
+    h, q, kv, i = spec.hidden_size, spec.q_dim, spec.kv_dim, spec.mlp_width
+    norms = spec.family_row.layer_norms * 2 * h + (2 * (q + kv) if spec.family_row.qk_norm else 0)
     return norms + 2 * h + 3 * q + 2 * kv + 4 * i
 
 

@@ -142,8 +142,20 @@ def _suggest(spec: ModelSpec, hw: Hardware, opts: PlanOptions, best: _Candidate)
 def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits: bool) -> tuple[str, ...]:
     N = opts.cards
     per_node = N // _nodes(hw, opts)
-    notes = [f"model: {spec.num_params / 1e9:.2f}B parameters ({spec.source} spec)"
+    notes = [f"model: {spec.num_params / 1e9:.2f}B parameters ({spec.source} spec, {spec.family} family)"
              + (f", of which {spec.extra_params / 1e6:.0f}M outside the text decoder" if spec.extra_params else "")]
+    if spec.is_moe:
+        notes.append(f"mixture of experts: {spec.num_experts} experts in {spec.moe_layers} of "
+                     f"{spec.num_hidden_layers} layers, {spec.num_experts_per_tok} routed per token; memory counts "
+                     f"all {spec.num_params / 1e9:.2f}B parameters, FLOPs the {spec.active_text_params / 1e9:.2f}B "
+                     "a token goes through")
+    if spec.sliding_window and spec.sliding_window < opts.max_length:
+        notes.append(f"sliding-window attention ({spec.sliding_window} tokens) on some or all layers: attention "
+                     f"memory and FLOPs are counted over whole rows of up to {opts.max_length} tokens (an upper bound)")
+    if hw.device == "hpu" and spec.family_row.gaudi != "adapted":
+        notes.append(f"optimum-habana 1.21.2 does not adapt {spec.family} models: on Gaudi they run on transformers' "
+                     "own modeling code, unoptimised (no fused RoPE, RMSNorm or FusedSDPA kernels), so expect "
+                     "less than the estimated throughput")
     if opts.use_peft:  # the modules the ranks adapt: their default for the family unless given
         notes.append(f"LoRA r={opts.lora_r} on {', '.join(opts.lora_targets(spec))}: "
                      f"{opts.trainable_params(spec) / 1e6:.1f}M trainable parameters")

@@ -32,9 +32,9 @@ OFFLOAD_PENALTY = {"none": 1.0, "optimizer": 1.1, "optimizer+params": 1.5}
 
 
 def _matmul_params(spec: ModelSpec) -> int:
-    """Parameters that take part in matmuls: the text decoder minus the embedding lookup
-    (the tied matrix still does the lm_head matmul)."""
-    return spec.text_params - (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size)
+    """Parameters that take part in a token's matmuls: the text decoder's active ones (a mixture of experts: the
+    routed experts only) minus the embedding lookup (the tied matrix still does the lm_head matmul)."""
+    return spec.active_text_params - (0 if spec.tie_word_embeddings else spec.vocab_size * spec.hidden_size)
 
 
 def _forward_flops(spec: ModelSpec, tokens: float, seq_len: int | None) -> float:
@@ -48,10 +48,11 @@ def dpo_step_flops(spec: ModelSpec, tokens: float, use_peft: bool, reference: st
 
     Policy: forward F + backward 2F for a full fine-tune (6NT); with LoRA the weight
     gradients vanish but activation gradients remain, 4NT (attention has no weights, its
-    backward stays 2x). Reference: one forward (2NT) unless precomputed. Totals: full ≈ 8NT,
+    backward stays 2x); N counts the parameters a token goes through (a mixture of experts: its routed
+    experts, not all of them). Reference: one forward (2NT) unless precomputed. Totals: full ≈ 8NT,
     LoRA ≈ 6NT, minus 2NT when precomputed. The attention term, 4·L·d·s per token
     per forward (12 for forward+backward, PaLM-style, no causal halving, no sliding-window
-    discount for Gemma 3), is added when ``seq_len`` is given. Recompute from gradient
+    discount: an upper bound where a window is shorter than the row), is added when ``seq_len`` is given. Recompute from gradient
     checkpointing is not model FLOPs and is not counted here.
     """
     if reference not in REFERENCES:

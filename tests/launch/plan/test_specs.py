@@ -26,12 +26,37 @@ PUBLISHED = {
     "google/gemma-3-4b-it": 4_300_079_472,
     "google/gemma-3-12b-it": 12_187_325_040,
     "google/gemma-3-27b-it": 27_432_406_640,
+    "mistralai/Mistral-7B-v0.1": 7_241_732_096,
+    "mistralai/Mistral-7B-Instruct-v0.2": 7_241_732_096,
+    "mistralai/Mistral-7B-v0.3": 7_248_023_552,
+    "mistralai/Mixtral-8x7B-v0.1": 46_702_792_704,
+    "Qwen/Qwen2.5-0.5B": 494_032_768,
+    "Qwen/Qwen2.5-1.5B": 1_543_714_304,
+    "Qwen/Qwen2.5-3B": 3_085_938_688,
+    "Qwen/Qwen2.5-7B": 7_615_616_512,
+    "Qwen/Qwen2.5-14B": 14_770_033_664,
+    "Qwen/Qwen2.5-32B": 32_763_876_352,
+    "Qwen/Qwen2.5-72B": 72_706_203_648,
+    "Qwen/Qwen3-8B": 8_190_735_360,
+    "Qwen/Qwen3-32B": 32_762_123_264,
+    "Qwen/Qwen3-30B-A3B": 30_532_122_624,
+    "microsoft/Phi-3-mini-4k-instruct": 3_821_079_552,
+    "microsoft/Phi-3-mini-128k-instruct": 3_821_079_552,
 }
+# Parameters a token goes through (the published "active" figures): 12.9B of Mixtral-8x7B, 3.3B of Qwen3-30B-A3B.
+PUBLISHED_ACTIVE = {"mistralai/Mixtral-8x7B-v0.1": 12.9e9, "Qwen/Qwen3-30B-A3B": 3.3e9}
 
 
 @pytest.mark.parametrize("model,count", PUBLISHED.items())
 def test_builtin_param_counts_match_published(model, count):
     assert load_spec(model).num_params == count
+
+
+@pytest.mark.parametrize("model,active", PUBLISHED_ACTIVE.items())
+def test_moe_active_params_match_published(model, active):
+    s = load_spec(model)
+    assert s.is_moe and s.active_text_params == pytest.approx(active, rel=0.02)
+    assert s.num_params > 3 * s.active_text_params  # memory holds every expert
 
 
 def test_sanity_figures_from_the_brief():
@@ -61,6 +86,12 @@ def test_published_architecture_numbers():
     ("meta-llama/Llama-2-7b-chat-hf", "llama2-7b"), ("llama2_13b", "llama2-13b"), ("Llama-2-70b", "llama2-70b"),
     ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3-8b"), ("meta-llama/Llama-3-70B", "llama3-70b"),
     ("meta-llama/Llama-3.1-8B-Instruct", "llama3.1-8b"), ("Meta-Llama-3.1-70B", "llama3.1-70b"),
+    ("mistralai/Mistral-7B-Instruct-v0.3", "mistral-7b-v0.3"), ("Mistral-7B-v0.1", "mistral-7b-v0.1"),
+    ("mistralai/Mixtral-8x7B-Instruct-v0.1", "mixtral-8x7b"), ("mixtral-8x7b", "mixtral-8x7b"),
+    ("Qwen/Qwen2.5-72B-Instruct", "qwen2.5-72b"), ("Qwen/Qwen2.5-0.5B-Instruct", "qwen2.5-0.5b"),
+    ("qwen2.5_7b", "qwen2.5-7b"), ("Qwen/Qwen3-8B-Base", "qwen3-8b"), ("Qwen/Qwen3-32B", "qwen3-32b"),
+    ("Qwen/Qwen3-30B-A3B-Instruct-2507", "qwen3-30b-a3b"), ("microsoft/Phi-3-mini-4k-instruct", "phi3-mini-4k"),
+    ("Phi-3-mini-128k-instruct", "phi3-mini-128k"),
 ])
 def test_name_variants_resolve(name, key):
     spec = load_spec(name)
@@ -76,6 +107,19 @@ def test_nonexistent_gemma_sizes_name_the_real_ones(name):
     assert "does not exist" in msg and name.split("/")[-1].split("-")[2] in msg
     for size in GEMMA3_SIZES:
         assert size in msg
+
+
+@pytest.mark.parametrize("name,sizes", [("Qwen/Qwen2.5-9B-Instruct", "0.5b, 1.5b, 3b, 7b, 14b, 32b, 72b"),
+                                        ("Qwen/Qwen3-7B", "0.6b, 1.7b, 4b, 8b, 14b, 32b, 30b-a3b, 235b-a22b")])
+def test_nonexistent_qwen_sizes_name_the_real_ones(name, sizes):
+    with pytest.raises(SpecError, match=f"the real sizes are {sizes}"):
+        load_spec(name)
+
+
+@pytest.mark.parametrize("name", ["Qwen/Qwen3-14B", "meta-llama/Llama-3.2-3B", "mistralai/Mistral-7B-Instruct"])
+def test_real_models_not_built_in_ask_for_their_folder(name):
+    with pytest.raises(SpecError, match="unknown model .* local folder that holds the model's config.json"):
+        load_spec(name)
 
 
 def test_unknown_model_says_how_to_fix():
@@ -145,13 +189,48 @@ def test_local_llama_and_gemma3_text_folders(tmp_path):
 
 
 def test_local_folder_errors(tmp_path):
-    with pytest.raises(SpecError, match="no config.json"):
+    """Each error says what is wrong with the folder, and none asks for a config.json the folder already has."""
+    with pytest.raises(SpecError, match="--model .*: the folder has no config.json"):
         load_spec(str(tmp_path))
-    with pytest.raises(SpecError, match="not supported"):
-        load_spec(_folder(tmp_path, {"model_type": "mistral"}))
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(SpecError, match="not valid JSON"):
+    with pytest.raises(SpecError, match="config.json is not valid JSON") as e:
         load_spec(str(tmp_path))
+    assert "holds the model's config.json" not in str(e.value)
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(SpecError, match="holds a JSON list, not a config object"):
+        load_spec(str(tmp_path))
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{")
+    with pytest.raises(SpecError, match="cannot read"):
+        load_spec(str(tmp_path))
+    with pytest.raises(SpecError, match="has no model_type") as e:
+        load_spec(_folder(tmp_path, {"hidden_size": 8}))
+    assert "holds the model's config.json" not in str(e.value)
+
+
+@pytest.mark.parametrize("model_type,why", [
+    ("deepseek_v3", "multi-head latent attention"), ("gpt_oss", "fused 3-D parameters"), ("mamba", "state-space"),
+    ("t5", "encoder-decoder"), ("qwen2_vl", "vision tower"),
+])
+def test_families_the_planner_cannot_size_are_refused_by_name(tmp_path, model_type, why):
+    with pytest.raises(SpecError, match=f"model_type '{model_type}' cannot be planned: .*{why}") as e:
+        load_spec(_folder(tmp_path, {"model_type": model_type, "text_config": {"model_type": "qwen2"}}
+                          if model_type == "qwen2_vl" else {"model_type": model_type}))
+    assert "holds the model's config.json" not in str(e.value) and "mistral, qwen2" in str(e.value)
+
+
+def test_unknown_family_names_the_ones_it_sizes(tmp_path):
+    with pytest.raises(SpecError, match="model_type 'acme' is not a family the planner sizes .*mixtral, qwen2_moe"):
+        load_spec(_folder(tmp_path, {"model_type": "acme"}))
+
+
+@pytest.mark.parametrize("config,window", [
+    ({"model_type": "mistral"}, 4096), ({"model_type": "mistral", "sliding_window": None}, None),
+    ({"model_type": "qwen2", "sliding_window": 4096}, None),  # use_sliding_window is off
+    ({"model_type": "qwen2", "use_sliding_window": True, "sliding_window": 4096}, 4096),
+    ({"model_type": "llama", "sliding_window": 4096}, None),  # Llama has no sliding window
+])
+def test_sliding_windows_are_read_as_each_family_declares_them(config, window):
+    assert spec_from_config(config, "m").sliding_window == window
 
 
 def test_counts_match_transformers_models_on_meta_device():
