@@ -5,7 +5,8 @@ SHELL := /bin/bash
 # recipes then hand every value to the shell as one single-quoted word ($(call sq,...): `$(...)`, backticks, `;` and
 # quotes are plain characters there), and ARGS / PYTEST_ARGS, which are lists of words, through the environment to
 # Python's shlex (launch/rank_args.py, PYTEST_ADDOPTS): no shell ever reads them.
-USER_VARS := MODEL MODEL_NAME HARDWARE CARDS NODE_CARDS HOSTFILE RUN_DIR DRY_RUN ARGS DATASET OUT_DIR DEMO_DIR IMAGE \
+USER_VARS := MODEL MODEL_NAME HARDWARE CARDS NODE_CARDS HOSTFILE RUN_DIR DRY_RUN ARGS DATASET DATASET_COLUMNS CHAT_TEMPLATE \
+	OUT_DIR DEMO_DIR IMAGE \
 	PYTEST_ARGS HF_TOKEN PYTHON TORCH_SPEC
 GIVEN_VARS := $(foreach v,$(sort $(USER_VARS) $(.VARIABLES)),$(if $(filter command line environment environment override,$(origin $(v))),$(if $(filter $(v),$(USER_VARS)) $(filter command line,$(origin $(v))),$(v))))
 $(foreach v,$(GIVEN_VARS),$(eval override $(v) := $$(value $(v))))
@@ -72,6 +73,7 @@ help:
 	@echo "make check                                 unit tests only (no multi-process runs): the fast loop"
 	@echo "make lint                                  ruff (pyproject.toml), zero findings"
 	@echo "make sanity MODEL=m [OUT_DIR=d]            1 card: SFT, DPO, merge, compare, generation test"
+	@echo "  [DATASET=d DATASET_COLUMNS=prompt=q,chosen=a,rejected=b CHAT_TEMPLATE=llama3]   the data and its chat template"
 	@echo "make plan MODEL=m [HARDWARE=gaudi2 CARDS=8]   print the plan (memory per card, ZeRO stage, ...)"
 	@echo "make train-1x|train-8x MODEL=m [DRY_RUN=1]    one node, 1 or 8 cards"
 	@echo "make train-multinode HOSTFILE=f MODEL=m       several nodes from a DeepSpeed hostfile"
@@ -150,7 +152,7 @@ train-multinode: require-model $(STAMP)
 	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards $(call sq,$(NODE_CARDS)) --hostfile $(call sq,$(HOSTFILE)) $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(DRY) --
 
 sanity: require-model $(STAMP)
-	$(PY) -m dpo_dist.pipeline --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 1 $(if $(OUT_DIR),--out_dir $(call sq,$(OUT_DIR)),) $(if $(DATASET),--dataset_name $(call sq,$(DATASET)),)
+	$(PY) -m dpo_dist.pipeline --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 1 $(if $(OUT_DIR),--out_dir $(call sq,$(OUT_DIR)),) $(if $(DATASET),--dataset_name $(call sq,$(DATASET)),) $(if $(DATASET_COLUMNS),--dataset_columns $(call sq,$(DATASET_COLUMNS)),) $(if $(CHAT_TEMPLATE),--chat_template $(call sq,$(CHAT_TEMPLATE)),)
 
 bench: $(STAMP)
 	$(PY) -m bench.run

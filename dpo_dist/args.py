@@ -30,6 +30,12 @@ class ModelArguments:
     tokenizer_name_or_path: str | None = field(
         default=None, metadata={"help": "Tokenizer hub id or folder; defaults to the model's."}
     )
+    chat_template: str | None = field(
+        default=None,
+        metadata={"help": "Chat template for conversational data (and saved with the trained model): a .jinja file, a "
+                  "tokenizer_config.json / tokenizer folder, one of the tokenizer's named templates, or a built-in "
+                  "name (llama3, gemma3, hh). Default: the tokenizer's own."},
+    )
     attn_implementation: str | None = field(
         default=None,
         metadata={"help": "Attention implementation; default per family (eager for Gemma 3, sdpa otherwise)."},
@@ -52,6 +58,13 @@ class DataArguments:
         metadata={"help": "Hub dataset name, or a local .json/.jsonl/.parquet file or folder."},
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration / data_dir on the hub."})
+    dataset_columns: str | None = field(
+        default=None,
+        metadata={"help": "Map the dataset's columns onto the canonical ones, e.g. "
+                  "prompt=question,chosen=response_j,rejected=response_k[,system=system]. Default: detected "
+                  "(prompt/chosen/rejected, hh-rlhf, conversational, Intel/orca_dpo_pairs, "
+                  "lvwerra/stack-exchange-paired, HuggingFaceH4/ultrafeedback_binarized)."},
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split; carved from train when absent."})
     eval_fraction: float = field(

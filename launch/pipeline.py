@@ -39,6 +39,12 @@ PROMPT = "\n\nHuman: How do I get better at cooking pasta?\n\nAssistant:"
 class PipelineArguments:
     model: str | None = field(default=None, metadata={"help": "Hub id or folder of the base model (required unless --demo)."})
     dataset_name: str = field(default="Anthropic/hh-rlhf", metadata={"help": "Preference data (hub name or local files)."})
+    dataset_columns: str | None = field(
+        default=None, metadata={"help": "Column mapping for SFT, DPO and the comparison (e.g. prompt=question,chosen=response_j,"
+                                "rejected=response_k); default: detected."})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Chat template for conversational data, every step (a .jinja file, a tokenizer folder "
+                                "or llama3, gemma3, hh); default: the model's own."})
     out_dir: str | None = field(default=None, metadata={"help": "Where every step writes (default runs/sanity-<model>)."})
     hardware: str = field(default="gaudi2", metadata={"help": "gaudi2, gaudi3, cuda or cpu.", "choices": ["gaudi2", "gaudi3", "cuda", "cpu"]})
     cards: int = field(default=1, metadata={"help": "Cards on this node."})
@@ -137,6 +143,8 @@ def run_pipeline(a: PipelineArguments) -> int:
     p = Pipeline(out, env)
     recipe = RECIPES / a.recipe
     data = ["--dataset_name", a.dataset_name]
+    data += ["--dataset_columns", a.dataset_columns] if a.dataset_columns else []
+    data += ["--chat_template", a.chat_template] if a.chat_template else []
     t0 = time.perf_counter()
     try:
         if HARDWARE[a.hardware].device == "hpu" and not (a.skip_hw_check or twin_requested()):
@@ -154,7 +162,7 @@ def run_pipeline(a: PipelineArguments) -> int:
                            *data, "--output_json", out / "dpo_comparison_results.json",
                            "--training_dir", out / "dpo_sanity", "--seed", "0", "--num_prompts", "4"])
         p.step("generation test", [sys.executable, "-m", "dpo_dist.generate", "--model_name_or_path",
-                                   out / "dpo_sanity_merged", "--prompt", PROMPT, "--max_new_tokens", "48",
+                                   out / "dpo_sanity_merged", "--prompt", PROMPT, "--raw_prompt", "--max_new_tokens", "48",
                                    "--num_return_sequences", "2", "--seed", "0"])
     except StepFailed as e:
         p.say(f"\npipeline: FAILED at step '{e.step}': {e}")

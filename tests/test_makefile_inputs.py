@@ -35,7 +35,7 @@ with open(os.environ["STUB_LOG"], "a") as f:
                          "env": {{k: os.environ.get(k) for k in ("ARGS", "PYTEST_ADDOPTS", "HF_TOKEN")}}}}) + "\\n")
 """
 MAKE_ENV_DROP = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MODEL", "MODEL_NAME", "HARDWARE", "CARDS", "NODE_CARDS", "HOSTFILE",
-                 "RUN_DIR", "DRY_RUN", "ARGS", "DATASET", "OUT_DIR", "DEMO_DIR", "IMAGE", "PYTEST_ARGS", "PYTEST_ADDOPTS",
+                 "RUN_DIR", "DRY_RUN", "ARGS", "DATASET", "DATASET_COLUMNS", "CHAT_TEMPLATE", "OUT_DIR", "DEMO_DIR", "IMAGE", "PYTEST_ARGS", "PYTEST_ADDOPTS",
                  "HF_TOKEN", "PYTHON", "TORCH_SPEC")
 
 
@@ -86,8 +86,9 @@ CASES = {  # target: (variables, {flag: variable whose value it must carry}, the
     "train-multinode": (("MODEL", "HARDWARE", "NODE_CARDS", "HOSTFILE", "RUN_DIR", "ARGS"),
                         {"--model": "MODEL", "--hardware": "HARDWARE", "--cards": "NODE_CARDS", "--hostfile": "HOSTFILE",
                          "--run_dir": "RUN_DIR"}, "launch.rank_args"),
-    "sanity": (("MODEL", "HARDWARE", "OUT_DIR", "DATASET"),
-               {"--model": "MODEL", "--hardware": "HARDWARE", "--out_dir": "OUT_DIR", "--dataset_name": "DATASET"},
+    "sanity": (("MODEL", "HARDWARE", "OUT_DIR", "DATASET", "DATASET_COLUMNS", "CHAT_TEMPLATE"),
+               {"--model": "MODEL", "--hardware": "HARDWARE", "--out_dir": "OUT_DIR", "--dataset_name": "DATASET",
+                "--dataset_columns": "DATASET_COLUMNS", "--chat_template": "CHAT_TEMPLATE"},
                "dpo_dist.pipeline"),
     "demo": (("DEMO_DIR",), {"--out_dir": "DEMO_DIR"}, "dpo_dist.pipeline"),
     "gaudi-selfcheck": (("HARDWARE", "OUT_DIR"), {"--hardware": "HARDWARE", "--out_dir": "OUT_DIR"}, "launch"),

@@ -2,7 +2,8 @@
 
 `datasets.load_dataset` does the loading (hub name, local file or folder). What is
 hand-written here is what no library has in this shape: the hh-rlhf transcript split with a
-row-numbered error when the two transcripts disagree; the file-and-line checks of local text files
+row-numbered error when the two transcripts disagree (the other schemas, conversational rows and the chat
+template: dpo_dist.data.schemas and dpo_dist.data.conversation); the file-and-line checks of local text files
 (`datasets` reports a bad line as a 0-based pyarrow "row" with a misleading cause, and does not check
 UTF-8 at all: a bad byte surfaces later as a raw UnicodeDecodeError); the pairs that cannot teach a
 preference; and the over-length accounting (TRL truncates inside the trainer and counts nothing).
@@ -20,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dpo_dist.data.bucketing import row_lengths
-from dpo_dist.util.errors import UserError
+from dpo_dist.data.errors import DataError
+from dpo_dist.data.schemas import chat_to_text, detect_schema, log_detection, rename_to_canonical
 
 logger = logging.getLogger(__name__)
 
@@ -29,10 +31,6 @@ LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".cs
 TEXT_SUFFIXES = (".json", ".jsonl", ".csv")  # the local formats that are UTF-8 text
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 SHOW_ROWS = 5  # row numbers quoted in a warning about dropped rows
-
-
-class DataError(UserError):
-    """Bad preference data: the message names the dataset, the row or column, and the fix."""
 
 
 @dataclass(frozen=True)
@@ -190,10 +188,10 @@ def json_problem(f: Path, label: str = "") -> str | None:
         if not isinstance(row, dict):
             return (f"{label}{where} {n}: a JSON {_json_type(row)}; expected an object such as "
                     '{"prompt": "...", "chosen": "...", "rejected": "..."}. Fix: make it one, or delete it')
-        bad_key = next((k for k in PAIR_COLUMNS if k in row and not isinstance(row[k], str)), None)
+        bad_key = next((k for k in PAIR_COLUMNS if k in row and not isinstance(row[k], str | list)), None)
         if bad_key:
-            return (f"{label}{where} {n}: {bad_key!r} is a JSON {_json_type(row[bad_key])}; expected a string. Fix: "
-                    "make it a string, or delete the row")
+            return (f"{label}{where} {n}: {bad_key!r} is a JSON {_json_type(row[bad_key])}; expected a string (or a "
+                    "list of {\"role\", \"content\"} messages). Fix: make it one, or delete the row")
     return None
 
 
@@ -262,43 +260,44 @@ def _load_raw(name: str, config: str | None):
         ) from e
 
 
-def normalise(ds, split_name: str, source: str | None = None):
-    """Map a split to exactly prompt/chosen/rejected string columns. `source` (the --dataset_name) goes in errors."""
+def normalise(ds, split_name: str, source: str | None = None, *, tokenizer=None, columns: str | None = None):
+    """Map a split to exactly prompt/chosen/rejected string columns. `source` (the --dataset_name) goes in errors.
+
+    The schema is detected (or mapped with ``columns``, the --dataset_columns text: dpo_dist.data.schemas) and
+    logged; conversational rows are rendered with ``tokenizer``'s chat template (dpo_dist.data.conversation)."""
     where = f"--dataset_name {source}: " if source else ""
-    cols = set(ds.column_names)
     if len(ds) == 0:
         raise DataError(
             f"{where}split {split_name!r} is empty: there is nothing to train or evaluate on. Fix: add rows to it, "
             "or (for the held-out split) remove it so that a held-out part is carved from train."
         )
+    det = detect_schema(ds, columns=columns, where=where, split_name=split_name)
+    log_detection(det, where=where, split_name=split_name)
+    if det.kind == "chat":
+        return chat_to_text(ds, det, tokenizer, where=where, split_name=split_name)
+    ds = rename_to_canonical(ds, det)
     try:
-        if set(PAIR_COLUMNS) <= cols:
+        if det.kind == "text":
             bad = next((i for i, r in enumerate(ds, 1) if not all(isinstance(r[k], str) for k in PAIR_COLUMNS)), None)
             if bad is not None:
                 raise DataError(f"{where}split {split_name!r} row {bad}: prompt/chosen/rejected must be strings. Fix: "
                                 "give that row three strings, or delete it.")
             return ds.select_columns(list(PAIR_COLUMNS))
-        if {"chosen", "rejected"} <= cols:
 
-            def _split(row, idx):
-                try:
-                    p, c, r = split_hh_transcript(row["chosen"], row["rejected"], idx + 1)
-                except DataError as e:
-                    raise DataError(f"{where}split {split_name!r} {e}") from None
-                return {"prompt": p, "chosen": c, "rejected": r}
+        def _split(row, idx):
+            try:
+                p, c, r = split_hh_transcript(row["chosen"], row["rejected"], idx + 1)
+            except DataError as e:
+                raise DataError(f"{where}split {split_name!r} {e}") from None
+            return {"prompt": p, "chosen": c, "rejected": r}
 
-            out = ds.map(_split, with_indices=True, remove_columns=sorted(cols), desc=f"hh-rlhf split ({split_name})")
-            return out.select_columns(list(PAIR_COLUMNS))
+        out = ds.map(_split, with_indices=True, remove_columns=ds.column_names, desc=f"hh-rlhf split ({split_name})")
+        return out.select_columns(list(PAIR_COLUMNS))
     except UnicodeDecodeError as e:  # local text files are checked line by line before loading (check_utf8)
         raise DataError(
             f"{where}split {split_name!r} holds text that is not valid UTF-8 ({e.reason} at byte {e.start}). Fix: "
             "re-encode the dataset's files as UTF-8."
         ) from None
-    raise DataError(
-        f"{where}split {split_name!r} has columns {sorted(cols)}; expected either prompt/chosen/rejected or the "
-        "Anthropic/hh-rlhf pair chosen/rejected (full transcripts). Fix: rename or add the columns (e.g. map your "
-        "question/good/bad fields to prompt/chosen/rejected), or pick another --dataset_name."
-    )
 
 
 def _rows_text(rows: list[int]) -> str:
@@ -334,11 +333,29 @@ def drop_degenerate_pairs(ds, split_name: str, source: str | None = None):
     return ds.select([i for i in range(len(ds)) if i + 1 not in drop])
 
 
-def load_preference_splits(data_args, seed: int):
-    """Return (train, eval) datasets with prompt/chosen/rejected columns, without degenerate pairs."""
+PREFERENCE_SPLIT_SUFFIX = "_prefs"  # HuggingFaceH4/ultrafeedback_binarized: train_prefs / test_prefs beside _sft, _gen
+
+
+def _preference_split(raw, name: str) -> str:
+    """``name``, or ``name + "_prefs"`` when only that exists (a set that keeps its preference pairs beside other
+    splits), with a log line that says so."""
+    if name not in raw and name + PREFERENCE_SPLIT_SUFFIX in raw:
+        logger.info("no %r split: using %r (its preference pairs)", name, name + PREFERENCE_SPLIT_SUFFIX)
+        return name + PREFERENCE_SPLIT_SUFFIX
+    return name
+
+
+def load_preference_splits(data_args, seed: int, tokenizer=None):
+    """Return (train, eval) datasets with prompt/chosen/rejected columns, without degenerate pairs.
+
+    Every schema dpo_dist.data.schemas recognises (or --dataset_columns maps) is normalised here, conversational
+    rows through ``tokenizer``'s chat template, so that DPO, SFT, the comparison and the planner read the same
+    text."""
     raw = _load_raw(data_args.dataset_name, data_args.dataset_config)
     splits = list(raw.keys())
-    if data_args.dataset_train_split not in raw:
+    train_split = _preference_split(raw, data_args.dataset_train_split)
+    test_split = _preference_split(raw, data_args.dataset_test_split)
+    if train_split not in raw:
         raise DataError(
             f"--dataset_train_split {data_args.dataset_train_split!r} is not in {data_args.dataset_name}; "
             f"its splits are {splits}."
@@ -346,11 +363,12 @@ def load_preference_splits(data_args, seed: int):
     source = data_args.dataset_name
 
     def clean(split):
-        return drop_degenerate_pairs(normalise(raw[split], split, source), split, source)
+        ds = normalise(raw[split], split, source, tokenizer=tokenizer, columns=data_args.dataset_columns)
+        return drop_degenerate_pairs(ds, split, source)
 
-    train = clean(data_args.dataset_train_split)
-    if data_args.dataset_test_split in raw:
-        held_out = clean(data_args.dataset_test_split)
+    train = clean(train_split)
+    if test_split in raw:
+        held_out = clean(test_split)
     else:
         if len(train) < 2:
             raise DataError(f"--dataset_name {source}: the dataset has one row: too few to hold any out; add a test "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dpo_dist.data.chat_templates import apply_chat_template_arg
 from dpo_dist.model.lora import default_lora_targets
 from dpo_dist.util.errors import UserError
 
@@ -96,10 +97,12 @@ def load_tokenizer_from(name: str, flag: str, trust_remote_code: bool = False, *
 
 
 def load_tokenizer(model_args):
-    """The ranks' tokenizer: --tokenizer_name_or_path, else the model's."""
+    """The ranks' tokenizer: --tokenizer_name_or_path, else the model's; with --chat_template's template when it is
+    given (the trained model's saved tokenizer then carries it too)."""
     name = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     flag = "--tokenizer_name_or_path" if model_args.tokenizer_name_or_path else "--model_name_or_path"
-    return load_tokenizer_from(name, flag, model_args.trust_remote_code)
+    tok = load_tokenizer_from(name, flag, model_args.trust_remote_code)
+    return apply_chat_template_arg(tok, model_args.chat_template)
 
 
 def default_attn_implementation(family: str, device: str) -> str:

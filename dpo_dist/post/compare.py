@@ -9,7 +9,8 @@ The seed's flags (`--base_model --finetuned_model --seed --greedy --output_json`
 kept; the metrics go beside them under `metrics`, the arguments under `config`.
 
 What is measured, on the held-out pairs of the same data and split training used
-(`dpo_dist.data.preference.load_preference_splits` + `with_bos`), both models in fp32 under no_grad:
+(`dpo_dist.data.preference.load_preference_splits` + `with_bos`: the same schema mapping and chat template),
+both models in fp32 under no_grad:
 
 * per model: `preference_accuracy` (log p(chosen | prompt) > log p(rejected | prompt)), its per-token
   (length-normalised) variant, the mean log-prob margin, and `mean_response_length` of its generations;
@@ -37,6 +38,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from dpo_dist.args import DataArguments
+from dpo_dist.data.chat_templates import apply_chat_template_arg
 from dpo_dist.data.preference import load_preference_splits, with_bos
 from dpo_dist.model.loader import load_eval_model, load_tokenizer_from
 from dpo_dist.post.generate import (
@@ -81,6 +83,12 @@ class CompareArguments:
         default="Anthropic/hh-rlhf", metadata={"help": "Preference data, as for training: hub name, local file or folder."}
     )
     dataset_config: str | None = field(default=None, metadata={"help": "Dataset configuration / data_dir on the hub."})
+    dataset_columns: str | None = field(
+        default=None, metadata={"help": "Column mapping, as in training (e.g. prompt=question,chosen=response_j,rejected=response_k)."}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Chat template for conversational data, as in training; default: the tokenizer's own."}
+    )
     dataset_train_split: str = field(default="train", metadata={"help": "Training split (a test split is carved from it when absent)."})
     dataset_test_split: str = field(default="test", metadata={"help": "Held-out split."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Held-out fraction when there is no test split (as in training)."})
@@ -411,14 +419,16 @@ def run(a: CompareArguments, t_start: float) -> dict:
     device = resolve_device(a.device)
     tok_name = a.tokenizer_name_or_path or a.base_model
     tok_flag = "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--base_model"
-    tokenizer = load_tokenizer_from(tok_name, tok_flag, a.trust_remote_code, need_eos=True)
+    tokenizer = apply_chat_template_arg(load_tokenizer_from(tok_name, tok_flag, a.trust_remote_code, need_eos=True),
+                                        a.chat_template)
 
     data_args = DataArguments(
-        dataset_name=a.dataset_name, dataset_config=a.dataset_config, dataset_train_split=a.dataset_train_split,
+        dataset_name=a.dataset_name, dataset_config=a.dataset_config, dataset_columns=a.dataset_columns,
+        dataset_train_split=a.dataset_train_split,
         dataset_test_split=a.dataset_test_split, eval_fraction=a.eval_fraction, max_train_samples=1,
         max_eval_samples=a.max_eval_samples,
     )
-    _, held_out = load_preference_splits(data_args, a.data_seed)
+    _, held_out = load_preference_splits(data_args, a.data_seed, tokenizer)
     held_out = with_bos(held_out, tokenizer)
     rows = list(held_out)
     pairs = encode_pairs(rows, tokenizer, max_prompt_length=a.max_prompt_length, max_completion_length=a.max_completion_length)

@@ -11,6 +11,9 @@ sequence, and exits:
   once with EOS): the check is deliberately simple; it does not judge the text's quality;
 * 2 for bad arguments (the message names the argument and the fix).
 
+`--prompt` is a user turn: it goes through the tokenizer's chat template (with its generation prompt) when the
+tokenizer has one (or `--chat_template` names one), as conversational training data does; `--hh_format` wraps it
+in the hh-rlhf turn format instead, and `--raw_prompt` passes the text as it is (text already formatted).
 Prompts get the tokenizer's BOS text in front (as `dpo_dist.data.preference.with_bos` does for training)
 and are tokenised without special tokens, so the model sees exactly what TRL trained it on.
 """
@@ -23,6 +26,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from dpo_dist.backend import detect_device
+from dpo_dist.data.chat_templates import apply_chat_template_arg
+from dpo_dist.data.conversation import prompt_text
 from dpo_dist.model.loader import check_source, load_eval_model, load_tokenizer_from
 from dpo_dist.util.errors import ArgumentError, UserError
 from dpo_dist.util.hfargs import parse_dataclasses
@@ -183,6 +188,13 @@ class GenerateArguments:
     hh_format: bool = field(
         default=False, metadata={"help": "Wrap the prompt as '\\n\\nHuman: P\\n\\nAssistant:' (the hh-rlhf format DPO trained on)."}
     )
+    raw_prompt: bool = field(
+        default=False, metadata={"help": "Pass --prompt as it is: no chat template, no hh-rlhf wrapping (text already formatted)."}
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "Chat template for --prompt: a .jinja file, a tokenizer folder or a name (llama3, gemma3, "
+                                "hh); default: the tokenizer's own."}
+    )
     max_new_tokens: int = field(default=64, metadata={"help": "New tokens per sequence at most."})
     temperature: float = field(default=0.7, metadata={"help": "Sampling temperature."})
     top_p: float = field(default=0.9, metadata={"help": "Nucleus sampling mass."})
@@ -213,6 +225,10 @@ def validate(a: GenerateArguments) -> None:
         raise ArgumentError(f"--num_return_sequences must be a positive integer (got {a.num_return_sequences}).")
     if a.greedy and a.num_return_sequences != 1:
         raise ArgumentError("--greedy gives one sequence; drop --greedy or --num_return_sequences.")
+    if a.raw_prompt and (a.hh_format or a.chat_template):
+        raise ArgumentError("--raw_prompt passes the text as it is; drop --hh_format / --chat_template, or --raw_prompt.")
+    if a.hh_format and a.chat_template:
+        raise ArgumentError("--hh_format and --chat_template both format the prompt; give one of them.")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,10 +244,14 @@ def main(argv: list[str] | None = None) -> int:
         device = resolve_device(a.device)
         tok_name = a.tokenizer_name_or_path or a.model_name_or_path
         tok_flag = "--tokenizer_name_or_path" if a.tokenizer_name_or_path else "--model_name_or_path"
-        tokenizer = load_tokenizer_from(tok_name, tok_flag, a.trust_remote_code, need_eos=True)
+        tokenizer = apply_chat_template_arg(load_tokenizer_from(tok_name, tok_flag, a.trust_remote_code, need_eos=True),
+                                            a.chat_template)
+        if a.hh_format:
+            prompt = hh_prompt(a.prompt)
+        else:
+            prompt = a.prompt if a.raw_prompt else prompt_text(a.prompt, tokenizer)
         model = load_eval_model(a.model_name_or_path, "--model_name_or_path", device=device, trust_remote_code=a.trust_remote_code)
         check_tokenizer_fits(tokenizer, model, "--model_name_or_path", a.model_name_or_path)
-        prompt = hh_prompt(a.prompt) if a.hh_format else a.prompt
         (seqs,) = generate_responses(
             model, tokenizer, [prompt], max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
             greedy=a.greedy, seed=a.seed, num_return_sequences=a.num_return_sequences,

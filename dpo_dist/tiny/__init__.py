@@ -8,8 +8,12 @@ versioned cache folder (nothing large is committed):
   dismissive or off-topic rejected ones, so a tiny randomly initialised model learns the preference
   quickly (measured with trl 0.22 DPOTrainer, one CPU process, batch 8, beta 0.1: held-out reward
   accuracy 1.0 after 50 steps at lr 5e-4 for tiny Llama, 0.99 after 50 steps at lr 1e-4 for tiny Gemma 3);
-* ``tokenizer``: a byte-level BPE tokenizer trained with ``tokenizers`` on that data;
-* ``models``: tiny Llama and Gemma 3 checkpoints from the real ``transformers`` config classes;
+* ``formats``: the same rows written in the other schemas dpo-dist reads (conversational,
+  ultrafeedback_binarized, orca_dpo_pairs, stack-exchange-paired);
+* ``tokenizer``: a byte-level BPE tokenizer trained with ``tokenizers`` on that data, with the turn markers
+  of the Llama-3-like and Gemma-3-like chat templates as special tokens;
+* ``models``: tiny Llama and Gemma 3 checkpoints from the real ``transformers`` config classes, each folder
+  with its family's chat template;
 * ``assets``: the cache, ``ensure_tiny_assets()`` / ``ensure_bench_assets()``, safe for every rank at once.
 
 CLI: ``python -m dpo_dist.tiny [--cache_dir D] [--force] [--bench]`` builds and prints the paths as JSON.

@@ -14,7 +14,8 @@ from dpo_dist.tiny.assets import ensure_bench_assets, ensure_tiny_assets
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dpo_dist.tiny",
-        description="Build the embedded default (tiny Llama/Gemma 3, tokenizer, hh-rlhf data) and print its paths.")
+        description="Build the embedded default (tiny Llama/Gemma 3, tokenizer, hh-rlhf data and the same data in "
+                    "every other format) and print its paths.")
     parser.add_argument("--cache_dir", default=None,
                         help="cache folder (default: $DPO_DIST_CACHE or <repo>/.cache/dpo-dist)")
     parser.add_argument("--force", action="store_true", help="rebuild even if a complete cache exists")

@@ -22,18 +22,22 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from dpo_dist.data.chat_templates import BUILTIN_TEMPLATES
+from dpo_dist.tiny.formats import FORMATS, write_format_dataset
 from dpo_dist.tiny.models import FAMILIES, build_tiny_model
 from dpo_dist.tiny.preferences import read_jsonl, write_preference_dataset
-from dpo_dist.tiny.tokenizer import train_tokenizer
+from dpo_dist.tiny.tokenizer import CHAT_TOKENS, train_tokenizer
 from dpo_dist.util.atomic import replace_folder, write_json_atomic
 from dpo_dist.util.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "tiny-v1"
+TINY_VERSION = "tiny-v2"  # v2: chat templates per family, turn-marker tokens, the data in every format
 BENCH_VERSION = "bench-v1"
 COMPLETE_MARKER = ".complete"
 BUILDS_LOG_SUFFIX = ".builds.log"
+# The chat template each tiny model folder carries (dpo_dist.data.chat_templates.BUILTIN_TEMPLATES).
+FAMILY_TEMPLATES = {"llama": "llama3", "gemma3": "gemma3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,9 +63,18 @@ class TinyAssets:
     def test_file(self) -> Path:
         return self.data_dir / "test.jsonl"
 
+    def format_dir(self, fmt: str) -> Path:
+        """The built-in data in format ``fmt`` (dpo_dist.tiny.formats.FORMATS; ``hh`` is ``data_dir``)."""
+        if fmt == "hh":
+            return self.data_dir
+        if fmt not in FORMATS:
+            raise ValueError(f"unknown format {fmt!r}; choose one of {('hh', *FORMATS)}")
+        return self.root / f"data-{fmt}"
+
     def to_dict(self) -> dict[str, str]:
         d = {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
         d.update(train_file=str(self.train_file), test_file=str(self.test_file))
+        d.update({f"data_{fmt}_dir": str(self.format_dir(fmt)) for fmt in FORMATS if self.format_dir(fmt).is_dir()})
         return d
 
 
@@ -175,20 +188,28 @@ def _ensure(version: str, builder: Callable[[Path, int], None], cache_dir: str |
         return root
 
 
-def _build_family_dirs(tmp: Path, tokenizer, size: str, seed: int) -> None:
+def _build_family_dirs(tmp: Path, tokenizer, size: str, seed: int, *, family_templates: bool = False) -> None:
+    """The shared tokenizer folder (hh template) and one model folder per family; with ``family_templates`` each
+    model folder's tokenizer carries its family's chat template (FAMILY_TEMPLATES)."""
     tokenizer.save_pretrained(tmp / "tokenizer")
+    shared = tokenizer.chat_template
     for family in FAMILIES:
         model = build_tiny_model(family, tokenizer, size=size, seed=seed)
         model.save_pretrained(tmp / family, safe_serialization=True)
+        if family_templates:
+            tokenizer.chat_template = BUILTIN_TEMPLATES[FAMILY_TEMPLATES[family]]
         tokenizer.save_pretrained(tmp / family)
+        tokenizer.chat_template = shared
         del model
 
 
 def _build_tiny(tmp: Path, seed: int) -> None:
     paths = write_preference_dataset(tmp / "data", n_train=2000, n_test=200, seed=seed)
+    for fmt in FORMATS:
+        write_format_dataset(tmp / "data", tmp / f"data-{fmt}", fmt)
     texts = [t for r in read_jsonl(paths["train"]) for t in (r["chosen"], r["rejected"])]
-    tok = train_tokenizer(texts, vocab_size=1024, model_max_length=1024)
-    _build_family_dirs(tmp, tok, "tiny", seed)
+    tok = train_tokenizer(texts, vocab_size=1024, model_max_length=1024, chat_tokens=CHAT_TOKENS)
+    _build_family_dirs(tmp, tok, "tiny", seed, family_templates=True)
 
 
 def _build_bench(tmp: Path, seed: int) -> None:
@@ -200,12 +221,13 @@ def _build_bench(tmp: Path, seed: int) -> None:
 
 def ensure_tiny_assets(cache_dir: str | os.PathLike | None = None, *, force: bool = False,
                        seed: int = 0) -> TinyAssets:
-    """Build (once) and return the embedded default under ``<cache_dir>/tiny-v1``.
+    """Build (once) and return the embedded default under ``<cache_dir>/tiny-v2`` (TINY_VERSION).
 
     ``cache_dir`` defaults to ``$DPO_DIST_CACHE`` or ``<repo root>/.cache/dpo-dist``.
-    Contents: ``data/`` (2000 train + 200 test hh-rlhf rows), ``tokenizer/`` (byte-level BPE,
-    vocab 1024), ``llama/`` and ``gemma3/`` (tiny random models with the tokenizer, loadable by
-    ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``). Safe to call from every rank
+    Contents: ``data/`` (2000 train + 200 test hh-rlhf rows), the same rows in every other format
+    (``data-<format>/``, ``format_dir``), ``tokenizer/`` (byte-level BPE, vocab 1024, hh chat template),
+    ``llama/`` and ``gemma3/`` (tiny random models with the tokenizer and their family's chat template,
+    Llama-3-like and Gemma-3-like, loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``). Safe to call from every rank
     at once: one builds into a temp dir under an ``flock`` and renames it into place, the
     others wait; a ``.complete`` marker (version + content hash) guards against half-built
     caches. Gemma 3 should be loaded with ``attn_implementation="eager"`` for training (the

@@ -5,7 +5,7 @@ or plain `python -m dpo_dist.dpo` for one process. The launcher (`python -m laun
 builds that command for you.
 
     deepspeed --num_accelerators 2 --module dpo_dist.dpo \
-        --model_name_or_path .cache/dpo-dist/tiny-v1/llama --dataset_name .cache/dpo-dist/tiny-v1/data \
+        --model_name_or_path .cache/dpo-dist/tiny-v2/llama --dataset_name .cache/dpo-dist/tiny-v2/data \
         --deepspeed ds_configs/zero3.json --output_dir runs/x
 """
 
@@ -46,7 +46,7 @@ def run(model_args, data_args, train_args) -> dict:
 
     tokenizer = load_tokenizer(model_args)
     with setup.args.main_process_first(desc="dataset"):
-        train, held_out = load_preference_splits(data_args, train_args.seed)
+        train, held_out = load_preference_splits(data_args, train_args.seed, tokenizer)
         train, held_out = with_bos(train, tokenizer), with_bos(held_out, tokenizer)
         lengths = dict(max_length=train_args.max_length, max_prompt_length=train_args.max_prompt_length,
                        max_completion_length=train_args.max_completion_length, mode=data_args.overlong)

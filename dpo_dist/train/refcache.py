@@ -8,7 +8,8 @@ none of that:
 1. Key = sha256 of (the reference weights: the model folder's ``*.safetensors`` / ``*.bin``
    bytes; the tokenised train and eval data: their token ids; the engine's settings: max_length,
    max_prompt_length, max_completion_length, truncation mode, length normalisation, how the
-   forward runs; dtype).
+   forward runs; dtype; the tokenizer's chat template, so that a changed template is a miss even where
+   it would render the same token ids).
 2. Hit: ``<cache_dir>/<key>.pt`` exists → load it (log "reference cache hit").
 3. Miss: load a reference copy from the model path (the reference IS the initial policy: for
    LoRA the adapter-off model equals the base weights), wrap it as the trainer wraps its own reference
@@ -32,6 +33,7 @@ import json
 import logging
 from pathlib import Path
 
+from dpo_dist.data.chat_templates import template_fingerprint
 from dpo_dist.util.atomic import write_atomic
 from dpo_dist.util.paths import cache_root
 
@@ -95,19 +97,22 @@ def cache_key(*, weights: str, train: str, eval_: str | None, settings: dict) ->
 
 def trainer_settings(trainer, bf16: bool) -> dict:
     """What the cached log-probs depend on beside the weights and the token ids: the engine's row layout,
-    length normalisation, how they were computed (chunked, packed, static, attention keywords) and the dtype.
-    The trainer's fallback forward (no engine) is keyed by trl's own settings."""
+    length normalisation, how they were computed (chunked, packed, static, attention keywords), the dtype and the
+    chat template the rows were rendered with. The trainer's fallback forward (no engine) is keyed by trl's own
+    settings."""
+    tokenizer = getattr(trainer, "processing_class", None) or getattr(trainer, "tokenizer", None)
+    template = template_fingerprint(tokenizer)
     e = getattr(trainer, "dpodist_engine", None)
     if e is None:
         a = trainer.args
         return dict(engine=False, max_length=trainer.max_length, max_prompt_length=a.max_prompt_length,
                     max_completion_length=a.max_completion_length, truncation_mode=trainer.truncation_mode,
-                    ipo="ipo" in trainer.loss_type, bf16=bf16)
+                    ipo="ipo" in trainer.loss_type, bf16=bf16, chat_template=template)
     return dict(engine=True, max_length=e.max_length, max_prompt_length=e.max_prompt_length,
                 max_completion_length=e.max_completion_length, truncation_mode=e.truncation_mode,
                 length_normalised=e.length_normalised, chunked=e.chunked, packing=e.packing,
                 packing_attention=e.packing_attention, static_shapes=e.static_shapes,
-                forward_kwargs=sorted(e.forward_kwargs.items()), bf16=bf16)
+                forward_kwargs=sorted(e.forward_kwargs.items()), bf16=bf16, chat_template=template)
 
 
 def _dist():

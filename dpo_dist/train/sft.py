@@ -122,7 +122,7 @@ def run(model_args, data_args, train_args, sft_args):
     finish_reshard(reshard, args)  # rank 0 converts to DeepSpeed's universal checkpoint, the others wait
     tokenizer = load_tokenizer(model_args)
     with args.main_process_first(desc="dataset"):
-        train, held_out = load_preference_splits(data_args, train_args.seed)
+        train, held_out = load_preference_splits(data_args, train_args.seed, tokenizer)
         train, held_out = with_bos(train, tokenizer), with_bos(held_out, tokenizer)
         train = sft_dataset(train, tokenizer, max_len, trainer_api=backend.trainer_api, split_name="train")
         held_out = sft_dataset(held_out, tokenizer, max_len, trainer_api=backend.trainer_api, split_name="test")

@@ -48,7 +48,7 @@ def measure_pair_tokens(model: str, rank_args: list[str], *, max_length: int, ma
                       "path): packed micro-batches sized for max_length rows; pass --pair_tokens MEAN,MAX to size them")
     try:
         tok = load_tokenizer(m)
-        train, _ = load_preference_splits(d, t.seed)
+        train, _ = load_preference_splits(d, t.seed, tok)
         stats = pair_token_stats(with_bos(train, tok), tok, max_length=t.max_length,
                                  max_prompt_length=t.max_prompt_length,
                                  max_completion_length=t.max_completion_length, sample=SAMPLE, seed=t.seed)

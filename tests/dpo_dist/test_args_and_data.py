@@ -49,7 +49,7 @@ def test_normalise_dataset_formats():
     assert out.column_names == ["prompt", "chosen", "rejected"] and out[0]["prompt"] == f"{H} q{A}"
     explicit = Dataset.from_list([{"prompt": "p", "chosen": "c", "rejected": "r", "extra": 1}])
     assert normalise(explicit, "train").column_names == ["prompt", "chosen", "rejected"]
-    with pytest.raises(DataError, match="expected either prompt/chosen/rejected"):
+    with pytest.raises(DataError, match="match no recognised preference schema"):
         normalise(Dataset.from_list([{"text": "x"}]), "train")
     with pytest.raises(DataError, match="empty"):
         normalise(Dataset.from_list([{"chosen": "x", "rejected": "y"}]).select([]), "train")

@@ -27,7 +27,8 @@ from dpo_dist.tiny import (
     verify_cache,
     write_preference_dataset,
 )
-from dpo_dist.tiny.assets import _is_complete
+from dpo_dist.tiny.assets import FAMILY_TEMPLATES, TINY_VERSION, _is_complete
+from dpo_dist.tiny.formats import FORMATS, hh_to_messages
 
 
 @pytest.fixture(scope="module")
@@ -147,6 +148,35 @@ def test_tokenizer(assets):
                                    add_generation_prompt=True) == "\n\nHuman: Hi?\n\nAssistant:"
 
 
+def test_data_in_every_format(assets):
+    """The same rows in every format: the conversations are the hh transcripts turn by turn, and the single-turn
+    schemas keep the last question with the final answers."""
+    hh = read_jsonl(assets.test_file)
+    for fmt in FORMATS:
+        rows = read_jsonl(assets.format_dir(fmt) / "test.jsonl")
+        assert len(rows) == len(hh), fmt
+    conv = read_jsonl(assets.format_dir("conversational") / "test.jsonl")
+    for h, c in zip(hh, conv):
+        for key in ("chosen", "rejected"):
+            assert c[key] == hh_to_messages(h[key])
+            tags = {"user": HUMAN_TAG, "assistant": ASSISTANT_TAG}
+            assert "".join(f"{tags[m['role']]} {m['content']}" for m in c[key]) == h[key]
+    orca = read_jsonl(assets.format_dir("orca") / "test.jsonl")[0]
+    assert orca["question"] == conv[0]["chosen"][-2]["content"] and orca["chosen"] == conv[0]["chosen"][-1]["content"]
+    assert assets.format_dir("hh") == assets.data_dir
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_model_folders_carry_their_family_template(assets, family):
+    from transformers import AutoTokenizer
+
+    from dpo_dist.data.chat_templates import BUILTIN_TEMPLATES
+
+    tok = AutoTokenizer.from_pretrained(assets.model_dir(family))
+    assert tok.chat_template == BUILTIN_TEMPLATES[FAMILY_TEMPLATES[family]]
+    assert len(tok) == 1024 and tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<bos>", "<eos>", "<unk>"]
+
+
 @pytest.mark.parametrize("family", ["llama", "gemma3"])
 def test_model_loads_and_trains(assets, family):
     import torch
@@ -205,7 +235,7 @@ def test_weights_deterministic_and_rebuild_after_damage(assets):
     assert verify_cache(assets.root)
     weights = load_file(assets.gemma3_dir / "model.safetensors")
     (assets.llama_dir / "model.safetensors").unlink()
-    assert not _is_complete(assets.root, "tiny-v1")
+    assert not _is_complete(assets.root, TINY_VERSION)
     again = ensure_tiny_assets(assets.root.parent)
     assert again == assets
     after = read_marker(assets.root)
@@ -213,7 +243,7 @@ def test_weights_deterministic_and_rebuild_after_damage(assets):
     new = load_file(assets.gemma3_dir / "model.safetensors")
     assert weights.keys() == new.keys() and all((weights[k] == new[k]).all() for k in weights)
     assert verify_cache(assets.root)
-    assert not list(assets.root.parent.glob(".tiny-v1.tmp-*"))
+    assert not list(assets.root.parent.glob(f".{TINY_VERSION}.tmp-*"))
 
 
 _RACER = textwrap.dedent("""
@@ -249,12 +279,12 @@ def test_concurrent_ranks_build_once(tmp_path, assets):
     for p, (_, err) in zip(procs, outs):
         assert p.returncode == 0, err
     paths = [json.loads(out.strip().splitlines()[-1]) for out, _ in outs]
-    assert paths[0] == paths[1] and paths[0]["root"] == str(cache / "tiny-v1")
-    builds = (cache / ".tiny-v1.builds.log").read_text().splitlines()
+    assert paths[0] == paths[1] and paths[0]["root"] == str(cache / TINY_VERSION)
+    builds = (cache / f".{TINY_VERSION}.builds.log").read_text().splitlines()
     assert len(builds) == 1, builds
-    assert sorted(p.name for p in cache.iterdir()) == [".tiny-v1.builds.log", ".tiny-v1.lock", "tiny-v1"]
+    assert sorted(p.name for p in cache.iterdir()) == [f".{TINY_VERSION}.builds.log", f".{TINY_VERSION}.lock", TINY_VERSION]
     # built in another process, yet the same bytes as the in-process build: deterministic
-    assert read_marker(cache / "tiny-v1")["content_sha256"] == read_marker(assets.root)["content_sha256"]
+    assert read_marker(cache / TINY_VERSION)["content_sha256"] == read_marker(assets.root)["content_sha256"]
 
 
 def test_cli_prints_paths(assets):
@@ -263,6 +293,7 @@ def test_cli_prints_paths(assets):
                          env=env, capture_output=True, text=True, timeout=60, check=True).stdout
     paths = json.loads(out)["tiny"]
     assert paths["llama_dir"] == str(assets.llama_dir) and paths["gemma3_dir"] == str(assets.gemma3_dir)
+    assert paths["data_orca_dir"] == str(assets.format_dir("orca"))
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
