@@ -19,7 +19,9 @@ from dpo_dist.args import ARG_DATACLASSES, ModelArguments
 from dpo_dist.backend import apply_env, get_backend
 from dpo_dist.data.preference import load_preference_splits, with_bos
 from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
+from dpo_dist.model.moe import mark_moe_leaves
 from dpo_dist.train import gaudi_trainer
+from dpo_dist.train.deepspeed import zero_stage_of
 from dpo_dist.train.engine import tokenize_pair
 from dpo_dist.train.reshard import finish_reshard, prepare_reshard, watch_reshard
 from dpo_dist.train.runtime import exit_now, rank_main
@@ -128,6 +130,7 @@ def run(model_args, data_args, train_args, sft_args):
         held_out = sft_dataset(held_out, tokenizer, max_len, trainer_api=backend.trainer_api, split_name="test")
     set_seed(train_args.seed)
     model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=load_kwargs)
+    mark_moe_leaves(model, family, zero_stage_of(train_args.deepspeed))  # before the trainer's DeepSpeed wraps it
     peft_config = lora_config(model_args, family) if model_args.use_peft else None
     set_seed(train_args.seed)
     if backend.trainer_api == "gaudi":
