@@ -34,7 +34,7 @@ class ModelArguments:
         default=None,
         metadata={"help": "Chat template for conversational data (and saved with the trained model): a .jinja file, a "
                   "tokenizer_config.json / tokenizer folder, one of the tokenizer's named templates, or a built-in "
-                  "name (llama3, gemma3, hh). Default: the tokenizer's own."},
+                  "name (llama3, gemma3, qwen2, hh). Default: the tokenizer's own."},
     )
     attn_implementation: str | None = field(
         default=None,

@@ -44,7 +44,7 @@ class PipelineArguments:
                                 "rejected=response_k); default: detected."})
     chat_template: str | None = field(
         default=None, metadata={"help": "Chat template for conversational data, every step (a .jinja file, a tokenizer folder "
-                                "or llama3, gemma3, hh); default: the model's own."})
+                                "or llama3, gemma3, qwen2, hh); default: the model's own."})
     out_dir: str | None = field(default=None, metadata={"help": "Where every step writes (default runs/sanity-<model>)."})
     hardware: str = field(default="gaudi2", metadata={"help": "gaudi2, gaudi3, cuda or cpu.", "choices": ["gaudi2", "gaudi3", "cuda", "cpu"]})
     cards: int = field(default=1, metadata={"help": "Cards on this node."})

@@ -103,18 +103,22 @@ ZERO3_STEPS = 30
 ZERO3_CHECKPOINT = f"checkpoint-{ZERO3_STEPS}"
 
 
-def zero3_args(tiny_assets, zero3_config, out_dir, family, mode, extra=()):
-    """The dpo_dist.dpo arguments of one 2-rank ZeRO-3 run of the tiny models."""
+def zero3_args(tiny_assets, zero3_config, out_dir, family, mode, extra=(), *, steps=ZERO3_STEPS,
+               train_samples=400, merge=False):
+    """The dpo_dist.dpo arguments of one 2-rank ZeRO-3 run of a tiny model (any family of
+    dpo_dist.tiny.ALL_FAMILIES: llama, gemma3, and the qwen2 / mixtral twins); ``merge`` lets the merge post-step
+    run (into ``<out_dir>_merged``)."""
     args = [
         "--model_name_or_path", tiny_assets.model_dir(family), "--dataset_name", tiny_assets.data_dir,
-        "--output_dir", out_dir, "--deepspeed", zero3_config, "--max_steps", ZERO3_STEPS,
+        "--output_dir", out_dir, "--deepspeed", zero3_config, "--max_steps", steps,
         "--per_device_train_batch_size", 4, "--per_device_eval_batch_size", 8,
         "--learning_rate", 2e-3 if mode == "lora" else 1e-3, "--max_length", 256, "--max_prompt_length", 128,
-        "--max_train_samples", 400, "--max_eval_samples", 96, "--logging_steps", 1, "--save_steps", ZERO3_STEPS,
+        "--max_train_samples", train_samples, "--max_eval_samples", 96, "--logging_steps", 1, "--save_steps", steps,
         "--beta", 0.1, "--diagnostics", "--seed", 7, "--dist_timeout", 600,
-        "--no_merge",  # the merge post-step has its own tests (test_merge.py)
         *extra,
     ]
+    if not merge:
+        args.append("--no_merge")  # the merge post-step has its own tests (test_merge.py)
     if mode == "lora":
         args += ["--use_peft", "--lora_r", 8, "--lora_alpha", 16]
     return args

@@ -12,8 +12,10 @@ module only decides WHICH template text a tokenizer carries:
 The built-in templates are data, not code: `llama3` is Meta-Llama-3-8B-Instruct's own template, verbatim;
 `gemma3` is Gemma 3 instruct's own template with its image and tool branches left out (text turns only: same
 text for text-only conversations, including the system message folded into the first user turn, since Gemma 3
-has no system role); `hh` renders the Anthropic/hh-rlhf transcript format ("\\n\\nHuman: ...\\n\\nAssistant: ...").
-The built-in tiny models carry them (dpo_dist.tiny: llama3 for the tiny Llama, gemma3 for the tiny Gemma 3).
+has no system role); `qwen2` is Qwen2-Instruct's own ChatML template, verbatim (a default system message when the
+conversation has none); `hh` renders the Anthropic/hh-rlhf transcript format ("\\n\\nHuman: ...\\n\\nAssistant: ...").
+The built-in tiny models carry them (dpo_dist.tiny: llama3 for the tiny Llama and the tiny Mixtral, gemma3 for the
+tiny Gemma 3, qwen2 for the tiny Qwen2).
 """
 
 from __future__ import annotations
@@ -61,13 +63,22 @@ GEMMA3_TEMPLATE = (
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
 
-BUILTIN_TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "gemma3": GEMMA3_TEMPLATE, "hh": HH_TEMPLATE}
+QWEN2_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+BUILTIN_TEMPLATES = {"llama3": LLAMA3_TEMPLATE, "gemma3": GEMMA3_TEMPLATE, "qwen2": QWEN2_TEMPLATE,
+                     "hh": HH_TEMPLATE}
 
 # The special tokens each built-in template writes (the tiny tokenizer reserves them, so that a turn marker is
 # one token, as in the real models' vocabularies).
 TEMPLATE_TOKENS = {
     "llama3": ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"),
     "gemma3": ("<start_of_turn>", "<end_of_turn>"),
+    "qwen2": ("<|im_start|>", "<|im_end|>"),
     "hh": (),
 }
 

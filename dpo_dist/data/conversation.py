@@ -150,7 +150,7 @@ def require_template(tokenizer, what: str) -> None:
         raise ArgumentError(
             f"{what} is conversational (turns of a chat), but the tokenizer ({name}) has no chat template to render "
             f"it with. Fix: pass {FLAG} with a .jinja file, a tokenizer folder that has a template, or a built-in "
-            "name (llama3, gemma3, hh), e.g. --chat_template llama3; or use the model's instruct tokenizer "
+            "name (llama3, gemma3, qwen2, hh), e.g. --chat_template llama3; or use the model's instruct tokenizer "
             "(--tokenizer_name_or_path)."
         )
 

@@ -13,7 +13,7 @@ versioned cache folder (nothing large is committed):
 * ``tokenizer``: a byte-level BPE tokenizer trained with ``tokenizers`` on that data, with the turn markers
   of the Llama-3-like and Gemma-3-like chat templates as special tokens;
 * ``models``: tiny Llama and Gemma 3 checkpoints from the real ``transformers`` config classes, each folder
-  with its family's chat template;
+  with its family's chat template, and the tiny Qwen2 (ChatML template) and Mixtral (Llama-3-like template) twins;
 * ``assets``: the cache, ``ensure_tiny_assets()`` / ``ensure_bench_assets()``, safe for every rank at once.
 
 CLI: ``python -m dpo_dist.tiny [--cache_dir D] [--force] [--bench]`` builds and prints the paths as JSON.
@@ -32,7 +32,15 @@ from dpo_dist.tiny.assets import (
     read_marker,
     verify_cache,
 )
-from dpo_dist.tiny.models import FAMILIES, SIZES, build_tiny_model, param_count, tiny_config
+from dpo_dist.tiny.models import (
+    ALL_FAMILIES,
+    FAMILIES,
+    SIZES,
+    TWIN_FAMILIES,
+    build_tiny_model,
+    param_count,
+    tiny_config,
+)
 from dpo_dist.tiny.preferences import (
     ASSISTANT_TAG,
     HUMAN_TAG,
@@ -52,8 +60,8 @@ from dpo_dist.tiny.tokenizer import (
 )
 
 __all__ = [
-    "ASSISTANT_TAG", "BENCH_VERSION", "BOS_TOKEN", "BenchAssets", "COMPLETE_MARKER", "EOS_TOKEN", "FAMILIES",
-    "HH_CHAT_TEMPLATE", "HUMAN_TAG", "PAD_TOKEN", "SIZES", "SPECIAL_TOKENS", "TINY_VERSION", "TinyAssets",
+    "ALL_FAMILIES", "ASSISTANT_TAG", "BENCH_VERSION", "BOS_TOKEN", "BenchAssets", "COMPLETE_MARKER", "EOS_TOKEN", "FAMILIES",
+    "HH_CHAT_TEMPLATE", "HUMAN_TAG", "PAD_TOKEN", "SIZES", "SPECIAL_TOKENS", "TINY_VERSION", "TWIN_FAMILIES", "TinyAssets",
     "UNK_TOKEN", "build_tiny_model", "default_cache_dir", "ensure_bench_assets", "ensure_tiny_assets",
     "make_preference_rows", "param_count", "read_jsonl", "read_marker", "split_hh", "tiny_config",
     "train_tokenizer", "verify_cache", "write_preference_dataset",

@@ -14,7 +14,7 @@ from dpo_dist.tiny.assets import ensure_bench_assets, ensure_tiny_assets
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dpo_dist.tiny",
-        description="Build the embedded default (tiny Llama/Gemma 3, tokenizer, hh-rlhf data and the same data in "
+        description="Build the embedded default (tiny Llama/Gemma 3 and the Qwen2/Mixtral twins, tokenizer, hh-rlhf data and the same data in "
                     "every other format) and print its paths.")
     parser.add_argument("--cache_dir", default=None,
                         help="cache folder (default: $DPO_DIST_CACHE or <repo>/.cache/dpo-dist)")

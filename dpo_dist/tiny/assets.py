@@ -22,9 +22,9 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from dpo_dist.data.chat_templates import BUILTIN_TEMPLATES
+from dpo_dist.data.chat_templates import BUILTIN_TEMPLATES, TEMPLATE_TOKENS
 from dpo_dist.tiny.formats import FORMATS, write_format_dataset
-from dpo_dist.tiny.models import FAMILIES, build_tiny_model
+from dpo_dist.tiny.models import ALL_FAMILIES, FAMILIES, TWIN_FAMILIES, build_tiny_model
 from dpo_dist.tiny.preferences import read_jsonl, write_preference_dataset
 from dpo_dist.tiny.tokenizer import CHAT_TOKENS, train_tokenizer
 from dpo_dist.util.atomic import replace_folder, write_json_atomic
@@ -32,12 +32,16 @@ from dpo_dist.util.paths import cache_root
 
 logger = logging.getLogger(__name__)
 
-TINY_VERSION = "tiny-v2"  # v2: chat templates per family, turn-marker tokens, the data in every format
+# v2: chat templates per family, turn-marker tokens, the data in every format; v3: the Qwen2 and Mixtral twins (the
+# v2 files are unchanged, byte for byte)
+TINY_VERSION = "tiny-v3"
 BENCH_VERSION = "bench-v1"
 COMPLETE_MARKER = ".complete"
 BUILDS_LOG_SUFFIX = ".builds.log"
 # The chat template each tiny model folder carries (dpo_dist.data.chat_templates.BUILTIN_TEMPLATES).
-FAMILY_TEMPLATES = {"llama": "llama3", "gemma3": "gemma3"}
+# Mixtral reuses llama3's (its own [INST] template is not built in); Qwen2 carries its own ChatML template, whose turn
+# markers its folder's tokenizer adds as special tokens (ids 1024, 1025), so the shared tokenizer stays as it was.
+FAMILY_TEMPLATES = {"llama": "llama3", "gemma3": "gemma3", "qwen2": "qwen2", "mixtral": "llama3"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,9 +55,10 @@ class TinyAssets:
     gemma3_dir: Path
 
     def model_dir(self, family: str) -> Path:
-        if family not in FAMILIES:
-            raise ValueError(f"unknown family {family!r}; choose one of {FAMILIES}")
-        return self.llama_dir if family == "llama" else self.gemma3_dir
+        """The model folder of ``family``: llama, gemma3, or (tiny assets only) the qwen2 / mixtral twins."""
+        if family not in ALL_FAMILIES:
+            raise ValueError(f"unknown family {family!r}; choose one of {ALL_FAMILIES}")
+        return self.root / family
 
     @property
     def train_file(self) -> Path:
@@ -75,6 +80,7 @@ class TinyAssets:
         d = {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)}
         d.update(train_file=str(self.train_file), test_file=str(self.test_file))
         d.update({f"data_{fmt}_dir": str(self.format_dir(fmt)) for fmt in FORMATS if self.format_dir(fmt).is_dir()})
+        d.update({f"{f}_dir": str(self.model_dir(f)) for f in TWIN_FAMILIES if self.model_dir(f).is_dir()})
         return d
 
 
@@ -203,6 +209,24 @@ def _build_family_dirs(tmp: Path, tokenizer, size: str, seed: int, *, family_tem
         del model
 
 
+def _build_twin_dirs(tmp: Path, seed: int) -> None:
+    """The Qwen2 and Mixtral twins, each with the shared tokenizer (reloaded from ``tmp/tokenizer``) and its
+    family's chat template; Qwen2's tokenizer gains the ChatML turn markers as special tokens."""
+    from transformers import AutoTokenizer  # deferred: transformers
+
+    for family in TWIN_FAMILIES:
+        tok = AutoTokenizer.from_pretrained(str(tmp / "tokenizer"))
+        name = FAMILY_TEMPLATES[family]
+        extra = [t for t in TEMPLATE_TOKENS[name] if t not in tok.get_vocab()]
+        if extra:
+            tok.add_special_tokens({"additional_special_tokens": [*tok.additional_special_tokens, *extra]})
+        tok.chat_template = BUILTIN_TEMPLATES[name]
+        model = build_tiny_model(family, tok, size="tiny", seed=seed)
+        model.save_pretrained(tmp / family, safe_serialization=True)
+        tok.save_pretrained(tmp / family)
+        del model
+
+
 def _build_tiny(tmp: Path, seed: int) -> None:
     paths = write_preference_dataset(tmp / "data", n_train=2000, n_test=200, seed=seed)
     for fmt in FORMATS:
@@ -210,6 +234,7 @@ def _build_tiny(tmp: Path, seed: int) -> None:
     texts = [t for r in read_jsonl(paths["train"]) for t in (r["chosen"], r["rejected"])]
     tok = train_tokenizer(texts, vocab_size=1024, model_max_length=1024, chat_tokens=CHAT_TOKENS)
     _build_family_dirs(tmp, tok, "tiny", seed, family_templates=True)
+    _build_twin_dirs(tmp, seed)
 
 
 def _build_bench(tmp: Path, seed: int) -> None:
@@ -221,13 +246,14 @@ def _build_bench(tmp: Path, seed: int) -> None:
 
 def ensure_tiny_assets(cache_dir: str | os.PathLike | None = None, *, force: bool = False,
                        seed: int = 0) -> TinyAssets:
-    """Build (once) and return the embedded default under ``<cache_dir>/tiny-v2`` (TINY_VERSION).
+    """Build (once) and return the embedded default under ``<cache_dir>/tiny-v3`` (TINY_VERSION).
 
     ``cache_dir`` defaults to ``$DPO_DIST_CACHE`` or ``<repo root>/.cache/dpo-dist``.
     Contents: ``data/`` (2000 train + 200 test hh-rlhf rows), the same rows in every other format
     (``data-<format>/``, ``format_dir``), ``tokenizer/`` (byte-level BPE, vocab 1024, hh chat template),
     ``llama/`` and ``gemma3/`` (tiny random models with the tokenizer and their family's chat template,
-    Llama-3-like and Gemma-3-like, loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``). Safe to call from every rank
+    Llama-3-like and Gemma-3-like), ``qwen2/`` and ``mixtral/`` (the tiny Qwen2 and Mixtral twins, ChatML and
+    Llama-3-like templates; ``model_dir(family)``), all loadable by ``AutoModelForCausalLM`` / ``AutoTokenizer.from_pretrained``). Safe to call from every rank
     at once: one builds into a temp dir under an ``flock`` and renames it into place, the
     others wait; a ``.complete`` marker (version + content hash) guards against half-built
     caches. Gemma 3 should be loaded with ``attn_implementation="eager"`` for training (the

@@ -5,7 +5,7 @@ or plain `python -m dpo_dist.dpo` for one process. The launcher (`python -m laun
 builds that command for you.
 
     deepspeed --num_accelerators 2 --module dpo_dist.dpo \
-        --model_name_or_path .cache/dpo-dist/tiny-v2/llama --dataset_name .cache/dpo-dist/tiny-v2/data \
+        --model_name_or_path .cache/dpo-dist/tiny-v3/llama --dataset_name .cache/dpo-dist/tiny-v3/data \
         --deepspeed ds_configs/zero3.json --output_dir runs/x
 """
 

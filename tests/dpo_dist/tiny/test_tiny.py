@@ -166,7 +166,7 @@ def test_data_in_every_format(assets):
     assert assets.format_dir("hh") == assets.data_dir
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", tiny.ALL_FAMILIES)
 def test_model_folders_carry_their_family_template(assets, family):
     from transformers import AutoTokenizer
 
@@ -174,10 +174,58 @@ def test_model_folders_carry_their_family_template(assets, family):
 
     tok = AutoTokenizer.from_pretrained(assets.model_dir(family))
     assert tok.chat_template == BUILTIN_TEMPLATES[FAMILY_TEMPLATES[family]]
-    assert len(tok) == 1024 and tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<bos>", "<eos>", "<unk>"]
+    # Qwen2's folder adds the ChatML turn markers after the shared vocabulary; the others keep it as it is.
+    assert len(tok) == (1026 if family == "qwen2" else 1024)
+    assert tok.convert_ids_to_tokens([0, 1, 2, 3]) == ["<pad>", "<bos>", "<eos>", "<unk>"]
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_twins(assets):
+    """The Qwen2 and Mixtral twins: real config classes, tiny, their family's traits, the shared vocabulary."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    shared = AutoTokenizer.from_pretrained(assets.tokenizer_dir).get_vocab()
+    counts = {}
+    for family in tiny.TWIN_FAMILIES:
+        folder = assets.model_dir(family)
+        assert folder == assets.root / family and folder.is_dir()
+        tok = AutoTokenizer.from_pretrained(folder)
+        assert {k: v for k, v in tok.get_vocab().items() if v < 1024} == shared
+        model = AutoModelForCausalLM.from_pretrained(folder)
+        counts[family] = tiny.param_count(model)
+        names = dict(model.named_parameters())
+        if family == "qwen2":
+            assert type(model.config).__name__ == "Qwen2Config" and not model.config.use_sliding_window
+            assert tok.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [1024, 1025]
+            text = tok.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
+                                           add_generation_prompt=True)
+            assert text.endswith("<|im_start|>user\nHi?<|im_end|>\n<|im_start|>assistant\n")
+            for proj in ("q_proj", "k_proj", "v_proj"):
+                assert f"model.layers.0.self_attn.{proj}.bias" in names
+            assert "model.layers.0.self_attn.o_proj.bias" not in names
+        else:
+            assert type(model.config).__name__ == "MixtralConfig"
+            assert (model.config.num_local_experts, model.config.num_experts_per_tok) == (4, 1)
+            assert not any(n.endswith(".bias") for n in names)
+        assert model.lm_head.weight is not model.get_input_embeddings().weight
+        # Seeded: a rebuild gives the same weights.
+        again = tiny.build_tiny_model(family, tok)
+        assert all(torch.equal(p, dict(again.named_parameters())[n]) for n, p in names.items())
+    assert counts == {"qwen2": 205_632, "mixtral": 353_088}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "mixtral"])
+def test_twins_plan_as_their_family(assets, family):
+    """`launch plan --model <twin folder>` sizes them from their config.json: local, their family, exact counts."""
+    from launch.plan.specs import load_spec
+
+    spec = load_spec(str(assets.model_dir(family)))
+    assert spec.source == "local" and spec.family == family
+    assert spec.num_params == {"qwen2": 205_632, "mixtral": 353_088}[family]
+    assert spec.qkv_bias == (family == "qwen2") and spec.num_experts == (4 if family == "mixtral" else 0)
+
+
+@pytest.mark.parametrize("family", tiny.ALL_FAMILIES)
 def test_model_loads_and_trains(assets, family):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -188,7 +236,8 @@ def test_model_loads_and_trains(assets, family):
     tok = AutoTokenizer.from_pretrained(folder)
     kw = {"attn_implementation": "eager"} if family == "gemma3" else {}
     model = AutoModelForCausalLM.from_pretrained(folder, **kw)
-    expected = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM"}[family]
+    expected = {"llama": "LlamaForCausalLM", "gemma3": "Gemma3ForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "mixtral": "MixtralForCausalLM"}[family]
     assert type(model).__name__ == expected
     cfg = model.config
     assert cfg.vocab_size == len(tok)
@@ -294,6 +343,7 @@ def test_cli_prints_paths(assets):
     paths = json.loads(out)["tiny"]
     assert paths["llama_dir"] == str(assets.llama_dir) and paths["gemma3_dir"] == str(assets.gemma3_dir)
     assert paths["data_orca_dir"] == str(assets.format_dir("orca"))
+    assert paths["qwen2_dir"] == str(assets.model_dir("qwen2")) and paths["mixtral_dir"] == str(assets.model_dir("mixtral"))
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):
