@@ -10,7 +10,9 @@ import pytest
 from conftest import free_port, run_cmd
 from support.twin import TWIN_PY, mpirun_skip_reason, twin_env, twin_skip_reason
 
-ECHO = "import json, os, sys; print('ARGV=' + json.dumps([os.environ.get('OMPI_COMM_WORLD_RANK', '-'), sys.argv[1:]]))"
+# Each rank writes what it received to its own file (the ranks' stdout lines can interleave under mpirun).
+ECHO = ("import json, os, sys, pathlib; rank = os.environ.get('OMPI_COMM_WORLD_RANK', '-'); "
+        "pathlib.Path(__file__).with_name(f'argv-{rank}.json').write_text(json.dumps([rank, sys.argv[1:]]))")
 
 
 @pytest.fixture
@@ -20,8 +22,8 @@ def echo_script(tmp_path):
     return p
 
 
-def _argvs(out: str) -> list:
-    return sorted(json.loads(line.split("ARGV=", 1)[1]) for line in out.splitlines() if line.startswith("ARGV="))
+def _argvs(folder) -> list:
+    return sorted(json.loads(f.read_text()) for f in folder.glob("argv-*.json"))
 
 
 @pytest.mark.parametrize("cards", [1, 2])
@@ -34,7 +36,7 @@ def test_words_reach_the_rank_unsplit(echo_script, cards):
     r = run_cmd([str(TWIN_PY), "-m", "launch.gaudi_spawn", "--world_size", str(cards), *mode, "--master_port",
                  str(free_port()), str(echo_script), *words], timeout=300, env=twin_env())
     assert r.returncode == 0, r.stdout[-3000:]
-    got = _argvs(r.stdout)
+    got = _argvs(echo_script.parent)
     assert [a for _, a in got] == [words] * cards, r.stdout[-3000:]
     if cards > 1:  # optimum-habana's MPI launch: one process per rank
         assert sorted(rank for rank, _ in got) == ["0", "1"]
