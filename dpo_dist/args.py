@@ -152,6 +152,12 @@ class TrainArguments:
                   "per row, attention stays inside each row), padded once to one of --length_buckets totals "
                   "(cpu/cuda; like TRL's padding_free without flash-attention 2, and with static shapes)."},
     )
+    share_prompt: bool = field(
+        default=True,
+        metadata={"help": "With --packing: a pair whose two rows keep their whole prompt runs it once in the packed "
+                  "row (prompt + chosen + rejected; the rejected part attends to the prompt, never to the chosen "
+                  "part), for the same log-probs with less work. --no_share_prompt: each row carries its prompt."},
+    )
     ref_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Where --reference precomputed keeps reference log-probs (default "
@@ -179,7 +185,7 @@ ARG_DATACLASSES = (ModelArguments, DataArguments, TrainArguments)
 # these by name instead of ignoring them (parse_args(task="sft")), and skips their checks in validate.
 DPO_ONLY_OPTIONS = (
     "beta", "loss_type", "label_smoothing", "reference", "max_prompt_length", "max_target_length", "overlong",
-    "chunked_logps", "length_buckets", "packing", "ref_cache_dir", "diagnostics",
+    "chunked_logps", "length_buckets", "packing", "share_prompt", "ref_cache_dir", "diagnostics",
 )
 TASKS = ("dpo", "sft")
 

@@ -59,6 +59,10 @@ class Backend:
     # The variable that lists the cards a process may use ("0,1,2", unset or "all": every card); None on CPU.
     visible_devices_env: str | None = None
     twin: bool = False  # the HPU path, run on CPU (see the module docstring)
+    # How --bf16 runs. False: the weights are bf16 (DeepSpeed's bf16 mode / HF's bf16). True (CPU): the weights stay
+    # fp32 and DeepSpeed's ``torch_autocast`` runs the matmuls in bf16 (AMX on recent Xeons) and gathers the linear
+    # layers' weights in bf16; the HF Trainer refuses bf16=True on CPU ranks under DeepSpeed, so its flag stays off.
+    bf16_autocast: bool = False
 
     @property
     def env(self) -> dict[str, str]:
@@ -74,7 +78,7 @@ BACKENDS = {
     "hpu": Backend("hpu", "hccl", "hpu", "gaudi", ddp_without_deepspeed=True, visible_devices_env="HABANA_VISIBLE_DEVICES",
                    zero3_env=HPU_ZERO3_ENV, **_HPU_ENGINE),
     "cuda": Backend("cuda", "nccl", "cuda", "trl", visible_devices_env="CUDA_VISIBLE_DEVICES"),
-    "cpu": Backend("cpu", "gloo", "cpu", "trl", fused_sdpa=False),
+    "cpu": Backend("cpu", "gloo", "cpu", "trl", fused_sdpa=False, bf16_autocast=True),
 }
 # The HPU row's facts on CPU: the same Gaudi attention calls (FusedSDPA through the stand-in) and ZeRO-0 as DDP.
 TWIN = Backend("cpu", "gloo", "cpu", "gaudi", twin=True, ddp_without_deepspeed=True, **_HPU_ENGINE)

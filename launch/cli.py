@@ -81,6 +81,9 @@ class PlanArguments:
     pair_tokens: str | None = field(default=None, metadata={
         "help": "MEAN,MAX tokens per pair (chosen + rejected rows) of the training data, to size packed micro-batches "
                 "(cpu/cuda). Default: measured on the data named after `--` when it and the tokenizer are local."})
+    bf16: bool | None = field(default=None, metadata={
+        "help": "bf16 matmuls. Default: the hardware's (gaudi2, gaudi3, cuda: bf16; cpu: fp32). On cpu, --bf16 true "
+                "runs DeepSpeed's torch_autocast over fp32 weights (fast on CPUs with AMX)."})
     json: bool = field(default=False, metadata={"help": "Print the plan as one JSON object."})
 
 
@@ -201,7 +204,7 @@ def build_plan(a: PlanArguments, data=None, extra: list[str] = ()):
         use_peft=use_peft, card_memory_gib=a.card_memory_gib, reference=a.reference, zero_stage=a.zero_stage,
         pair_tokens=data.pair_tokens if data else None, train_pairs=data.train_pairs if data else None,
         packing=False if getattr(a, "task", "dpo") == "sft" else None,  # sft.py does not pack
-        **lora_options(list(extra)),
+        bf16=a.bf16, **lora_options(list(extra)),
     )
     try:
         return spec, hosts, make_plan(spec, hw, options)
@@ -278,7 +281,7 @@ def dpo_args_for(plan, a: TrainArguments, ds_config_path: Path, output_dir: Path
         args.append("--use_peft")
     if plan.gradient_checkpointing and "--gradient_checkpointing" not in given:
         args.append("--gradient_checkpointing")
-    if hw.bf16 and "--bf16" not in given:
+    if plan.bf16 and "--bf16" not in given:
         args.append("--bf16")
     if a.task == "dpo":  # batch shaping of the DPO trainer (sft.py has its own)
         if plan.length_buckets:

@@ -56,15 +56,17 @@ def build_ds_config(plan: Plan, spec: ModelSpec) -> dict:
     """A complete DeepSpeed config for ``plan`` (no "auto" left)."""
     cfg = copy.deepcopy(load_template(template_name(plan.zero_stage, plan.offload)))
     hw = HARDWARE.get(plan.hardware)
-    bf16 = hw.bf16 if hw is not None else plan.hardware != "cpu"
+    autocast = plan.bf16 and hw is not None and hw.backend.bf16_autocast
     h = spec.hidden_size
 
     cfg["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     cfg["gradient_accumulation_steps"] = plan.gradient_accumulation_steps
     cfg["train_batch_size"] = plan.micro_batch_size * plan.gradient_accumulation_steps * plan.world_size
     cfg["gradient_clipping"] = 1.0
-    cfg["bf16"] = {"enabled": bf16}
+    cfg["bf16"] = {"enabled": plan.bf16 and not autocast}
     cfg["fp16"] = {"enabled": False}
+    if autocast:  # fp32 weights, bf16 matmuls and bf16 gathers of the linear weights: DeepSpeed's own autocast
+        cfg["torch_autocast"] = {"enabled": True, "dtype": "bfloat16"}
 
     zo = cfg["zero_optimization"]
     zo["reduce_bucket_size"] = h * h

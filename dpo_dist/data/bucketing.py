@@ -18,6 +18,10 @@ histogram, so there are at most K shapes and little padding.
   once from its total to one of K bucket *totals* (``packed_pad_to``), chosen by the same DP on
   the totals of the batches ``PackedBatchSampler`` will form. Per-row buckets cannot go below
   ~12% padding on the bench data with 8 shapes; packed totals reach a few %.
+- Shared prompt (``--share_prompt``, on with packing): a pair whose two rows keep their whole prompt runs it once
+  in the packed row, ``prompt + chosen + rejected`` (dpo_dist/model/packing.py ``pack_pairs``).
+  ``packed_pair_length`` is the one rule for a pair's tokens in a packed row; the sampler, the bucket
+  totals, the collator and the planner's data measurement all take it from here.
 """
 
 from __future__ import annotations
@@ -79,6 +83,31 @@ def row_lengths(prompt_len: int, completion_len: int, max_length: int | None) ->
     completion to max_completion_length by tokenisation; keep_end truncation to max_length)."""
     n = prompt_len + completion_len
     return min(n, max_length) if max_length else n
+
+
+def shares_prompt(prompt_len: int, chosen_len: int, rejected_len: int, max_length: int | None) -> bool:
+    """Whether a pair's rows can share their prompt in a packed row: both rows keep the whole prompt (no
+    keep_end truncation to max_length cuts either row; a cut would take different prompt tokens from each) and
+    the prompt is not empty."""
+    fits = max_length is None or prompt_len + max(chosen_len, rejected_len) <= max_length
+    return prompt_len > 0 and fits
+
+
+def packed_pair_length(prompt_len: int, chosen_len: int, rejected_len: int, max_length: int | None,
+                       share_prompt: bool) -> int:
+    """Tokens one pair takes in a packed row: prompt + chosen + rejected when it shares its prompt, else its two
+    rows (``row_lengths``) back to back."""
+    if share_prompt and shares_prompt(prompt_len, chosen_len, rejected_len, max_length):
+        return prompt_len + chosen_len + rejected_len
+    return row_lengths(prompt_len, chosen_len, max_length) + row_lengths(prompt_len, rejected_len, max_length)
+
+
+def pair_packed_lengths(dataset, max_length: int | None, share_prompt: bool) -> list[int]:
+    """``packed_pair_length`` of every pair of a TRL-tokenised dataset."""
+    p = [len(x) for x in dataset["prompt_input_ids"]]
+    c = [len(x) for x in dataset["chosen_input_ids"]]
+    r = [len(x) for x in dataset["rejected_input_ids"]]
+    return [packed_pair_length(a, b, d, max_length, share_prompt) for a, b, d in zip(p, c, r)]
 
 
 def pair_row_lengths(dataset, max_length: int | None) -> tuple[list[int], list[int]]:
@@ -161,7 +190,7 @@ def _complete(batches: list, carry: list, batch_size: int, num_replicas: int, rn
 
 
 class PackedBatchSampler:
-    """Batches of ``batch_size`` pairs whose packed totals (Σ chosen + rejected row lengths) are
+    """Batches of ``batch_size`` pairs whose packed totals (Σ ``packed_pair_length``) are
     close to each other, for ``--packing``: a micro-batch is one packed row, so its padding is its
     total's distance to the next bucket total, and equal totals need few buckets.
 
@@ -218,13 +247,25 @@ class PackedBatchSampler:
         return out
 
 
+def unpadded_tokens(batch: dict, max_length: int | None) -> int:
+    """Tokens the policy forward is fed for one batch, padding left out: a packed row's real length (a shared
+    prompt counted once), else every row's tokens (each row cut at max_length)."""
+    if "packed_cu_seqlens" in batch:
+        return int(batch["packed_cu_seqlens"][-1])
+    p = batch["prompt_attention_mask"].sum(-1)
+    rows = [p + batch[k].sum(-1) for k in ("chosen_attention_mask", "rejected_attention_mask")]
+    return int(sum(int(x.clamp(max=max_length or 2**31).sum()) for x in rows))
+
+
 def fed_tokens(batch: dict, max_length: int | None) -> int:
     """Tokens (real + padding) the policy forward is fed for one trl-0.22 batch.
 
     Packed batches: packed_pad_to. Bucketed batches: b·chosen_pad_to + b·rejected_pad_to. TRL's default: 2b rows of the width
     left after flush_left, i.e. the longest row (≤ max_length)."""
     b = int(batch["prompt_input_ids"].shape[0])
-    if "packed_pad_to" in batch:  # one packed row
+    if "packed_input_ids" in batch:  # one packed row
+        return int(batch["packed_input_ids"].shape[1])
+    if "packed_pad_to" in batch:
         return int(batch["packed_pad_to"])
     if "chosen_pad_to" in batch:
         return b * (int(batch["chosen_pad_to"]) + int(batch["rejected_pad_to"]))

@@ -28,7 +28,7 @@ over the vocabulary at the completion positions) are computed exactly from the c
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -103,6 +103,15 @@ def token_logps(lm_head, hidden: torch.Tensor, labels: torch.Tensor, *, softcap:
     return torch.cat(outs)[:n], torch.cat(sums).detach()[:n]
 
 
+def engine_autocast(model, device_type: str):
+    """The autocast a DeepSpeed engine runs its forward under (``torch_autocast`` in its config: CPU --bf16), for the
+    lm_head chunks, which run outside that forward; a no-op for any other model."""
+    enabled = getattr(model, "torch_autocast_enabled", None)
+    if callable(enabled) and enabled():
+        return torch.autocast(device_type=device_type, dtype=model.torch_autocast_dtype())
+    return nullcontext()
+
+
 def causal_lm_parts(model):
     """(backbone, lm_head, softcap) of a HF causal LM, through DeepSpeed / DDP / PEFT wrappers."""
     m = model
@@ -154,7 +163,8 @@ def final_hidden_states(model, input_ids: torch.Tensor, attention_mask, **forwar
 
 def sequence_logps(model, input_ids: torch.Tensor, attention_mask, loss_mask: torch.Tensor, *,
                    chunk_tokens: int | None = None, seq_ids: torch.Tensor | None = None,
-                   n_seqs: int | None = None, static: bool = False, **forward_kwargs):
+                   n_seqs: int | None = None, static: bool = False, prev_index: torch.Tensor | None = None,
+                   **forward_kwargs):
     """Per-sequence sums of log p(token_t | tokens_<t) over positions t with ``loss_mask[t]`` (t ≥ 1).
 
     A sequence is a row, or with ``seq_ids`` [B, T] (packed rows: dpo_dist/model/packing.py) the tokens
@@ -162,9 +172,19 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask, loss_mask: to
     Returns ``(logps [n] fp32, logit_sums [n] fp32, n_tokens [n])``; logit_sums is the sum of all
     V logits over the counted positions (for TRL's mean-logits metrics). ``attention_mask`` is what the
     model takes: [B, T], or a prepared 4D mask (dict) for packed rows. ``static``: see the module docstring.
+    ``prev_index`` [B, T]: the position whose output predicts token t (a shared prompt: packing.pack_pairs);
+    default t - 1.
     """
     _, lm_head, softcap = causal_lm_parts(model)
     hidden = final_hidden_states(model, input_ids, attention_mask, **forward_kwargs)
+    with engine_autocast(model, hidden.device.type):
+        return _gathered_logps(lm_head, softcap, hidden, input_ids, loss_mask, chunk_tokens=chunk_tokens,
+                               seq_ids=seq_ids, n_seqs=n_seqs, static=static, prev_index=prev_index)
+
+
+def _gathered_logps(lm_head, softcap, hidden, input_ids, loss_mask, *, chunk_tokens, seq_ids, n_seqs, static,
+                    prev_index):
+    """``sequence_logps`` after the forward: the counted positions through lm_head, summed per sequence."""
     n = input_ids.shape[0] if seq_ids is None else n_seqs
     zeros = lambda dtype: torch.zeros(n, dtype=dtype, device=input_ids.device)  # noqa: E731
     # Position t-1 predicts token t: count t where loss_mask[t] (t >= 1).
@@ -173,14 +193,17 @@ def sequence_logps(model, input_ids: torch.Tensor, attention_mask, loss_mask: to
         weight = loss_mask[:, 1:].reshape(-1)
         rows = torch.arange(b, device=input_ids.device)[:, None].expand(b, t - 1)
         group = (rows if seq_ids is None else seq_ids[:, 1:]).reshape(-1)
-        lp, ls = token_logps(lm_head, hidden[:, :-1].reshape(b * (t - 1), -1), input_ids[:, 1:].reshape(-1),
+        pred = hidden[:, :-1] if prev_index is None else hidden.gather(
+            1, prev_index[:, 1:, None].expand(-1, -1, hidden.shape[-1]))
+        lp, ls = token_logps(lm_head, pred.reshape(b * (t - 1), -1), input_ids[:, 1:].reshape(-1),
                              softcap=softcap, chunk_tokens=chunk_tokens, static=True)
         keep = weight.to(lp.dtype)
         lp, ls, count = lp * keep, ls * keep, weight.long()
     else:
         target = loss_mask[:, 1:].bool()
         rows, cols = target.nonzero(as_tuple=True)
-        lp, ls = token_logps(lm_head, hidden[rows, cols], input_ids[rows, cols + 1], softcap=softcap,
+        src = cols if prev_index is None else prev_index[rows, cols + 1]
+        lp, ls = token_logps(lm_head, hidden[rows, src], input_ids[rows, cols + 1], softcap=softcap,
                              chunk_tokens=chunk_tokens)
         group = rows if seq_ids is None else seq_ids[rows, cols + 1]
         count = torch.ones_like(group)

@@ -15,7 +15,7 @@ shape (a recompile on static-shape devices). Here:
   transformers' own SDPA attention on each row's slice with ``is_causal`` (torch's flash kernel
   on CPU and CUDA: no T x T score matrix is kept, and no attention is computed across rows or on
   the padding tail). Models load with it under the name ``dpo_dist_varlen_<sdpa|eager>``; calls
-  without ``dpodist_cu_seqlens`` (generation, evaluation, the unpacked forwards) go to the
+  without ``dpodist_blocks`` (generation, evaluation, the unpacked forwards) go to the
   model's usual sdpa/eager attention with the usual masks, registered under the same name.
   Gemma 3's sliding-window layers get a banded mask on rows longer than the window.
 - ``block_mask`` attention (``block_attention_mask``): for models that run their own attention and
@@ -25,7 +25,17 @@ shape (a recompile on static-shape devices). Here:
   row is empty. The scores are computed for the whole T x T square: attention costs more than
   ``varlen``, the padding saved does not change.
 
-The packed log-probs equal the unpacked ones (forward and gradients: tests/dpo_dist/model/test_packing.py).
+Shared prompt (``pack_pairs``): a pair whose two rows start with the same whole prompt P runs it once,
+``[P, C, R]``: C's positions continue P's, R's positions restart after P (RoPE sees the positions of the
+unpacked rows). C attends to P and itself (causal, as the chosen row); R attends to P and itself, never to C
+(``varlen``: a second attention call whose keys are P's then R's, lower-right causal; ``block_mask``: ``part``
+ids, P = 0, C = 1, R = 2, a key is seen when it is P or of the query's own part). R's first token is predicted
+by P's last position (``prev_index``), as in the rejected row. DPO pairs share long prompts (hh-rlhf-like
+data: the prompt is ~40% of a pair's two rows), so the forward and backward do that much less work for
+the same log-probs. Nothing in TRL, transformers or torch lays pairs out this way; hand-written.
+
+The packed log-probs equal the unpacked ones, shared prompt or not (forward and gradients:
+tests/dpo_dist/model/test_packing.py).
 """
 
 from __future__ import annotations
@@ -38,7 +48,11 @@ from dpo_dist.model.logprobs import causal_lm_parts
 
 VARLEN_PREFIX = "dpo_dist_varlen_"
 BASES = ("sdpa", "eager")
-CU_KEY = "dpodist_cu_seqlens"  # forward kwarg: row boundaries [0, n_0, n_0 + n_1, ..., real total]
+# Forward kwarg: the attention blocks of a packed row, (q_start, q_end, prefix_start, prefix_end) each: queries
+# [q_start, q_end) attend to the keys [prefix_start, prefix_end) (a shared prompt; empty for a plain row) and,
+# causally, to themselves.
+BLOCKS_KEY = "dpodist_blocks"
+PART_PROMPT, PART_FIRST, PART_SECOND = 0, 1, 2  # a shared prompt, a row (or a pair's chosen), a pair's rejected
 
 
 def varlen_name(base: str) -> str:
@@ -63,17 +77,21 @@ def _base_attention(base: str, module):
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
-def _sliding_mask(n: int, window: int, device) -> torch.Tensor:
-    """Causal and within ``window`` (as transformers' sliding_window_overlay: kv > q - window)."""
-    q = torch.arange(n, device=device)[:, None]
-    k = torch.arange(n, device=device)[None, :]
-    return ((k <= q) & (k > q - window))[None, None]
+def _sliding_mask(n: int, window: int | None, device, prefix: int = 0) -> torch.Tensor:
+    """[1, 1, n, prefix + n]: ``n`` queries at positions prefix..prefix+n-1 over keys at positions 0..prefix+n-1,
+    causal and, with ``window``, within it (as transformers' sliding_window_overlay: kv > q - window)."""
+    q = prefix + torch.arange(n, device=device)[:, None]
+    k = torch.arange(prefix + n, device=device)[None, :]
+    allowed = k <= q
+    if window:
+        allowed &= k > q - window
+    return allowed[None, None]
 
 
 def _make_varlen(base: str):
     def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        cu = kwargs.pop(CU_KEY, None)
-        if cu is None:
+        blocks = kwargs.pop(BLOCKS_KEY, None)
+        if blocks is None:
             return _base_attention(base, module)(module, query, key, value, attention_mask, dropout=dropout,
                                                  scaling=scaling, **kwargs)
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -85,13 +103,19 @@ def _make_varlen(base: str):
             raise ValueError("packing cannot reproduce attention logit soft-capping; run without --packing")
         window = kwargs.get("sliding_window")
         outs = []
-        for s, e in zip(cu[:-1], cu[1:]):
-            n = e - s
-            mask = _sliding_mask(n, window, query.device) if window and n > window else None
-            o, _ = sdpa_attention_forward(module, query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], mask,
+        for qs, qe, ps, pe in blocks:
+            n, p = qe - qs, pe - ps
+            if p:  # a pair's rejected part: keys are the shared prompt's, then its own (lower-right causal)
+                k = torch.cat([key[:, :, ps:pe], key[:, :, qs:qe]], dim=2)
+                v = torch.cat([value[:, :, ps:pe], value[:, :, qs:qe]], dim=2)
+                mask = _sliding_mask(n, window, query.device, prefix=p)
+            else:
+                k, v = key[:, :, qs:qe], value[:, :, qs:qe]
+                mask = _sliding_mask(n, window, query.device) if window and n > window else None
+            o, _ = sdpa_attention_forward(module, query[:, :, qs:qe], k, v, mask,
                                           dropout=dropout, scaling=scaling, is_causal=mask is None)
             outs.append(o)  # [1, n, heads, head_dim]
-        tail = query.shape[2] - cu[-1]
+        tail = query.shape[2] - (blocks[-1][1] if blocks else 0)
         if tail:  # the padding tail: no loss, no attention, zeros
             outs.append(query.new_zeros(1, tail, query.shape[1], query.shape[3]))
         return torch.cat(outs, dim=1), None
@@ -128,16 +152,21 @@ def _row_segments(attention_mask):
     return torch.where(attention_mask.bool(), torch.zeros_like(own), own)
 
 
-def block_attention_mask(seg, *, dtype, sliding_window: int | None = None, additive: bool = False):
+def block_attention_mask(seg, *, dtype, sliding_window: int | None = None, additive: bool = False,
+                         part=None, position_ids=None):
     """[B, 1, T, T] mask from segment ids ``seg`` [B, T]: position q sees k when both have the same id and k <= q
-    (and, with ``sliding_window``, q - k < window, as transformers' sliding layers). ``additive``: 0 where allowed
-    and the dtype's minimum elsewhere (what attention adds to its scores); else 1 / 0 (what a model's own mask
-    preparation inverts)."""
-    pos = torch.arange(seg.shape[1], device=seg.device)
-    q, k = pos[:, None], pos[None, :]
+    (and, with ``sliding_window``, q - k < window, as transformers' sliding layers). With ``part`` [B, T] (a shared
+    prompt: ``pack_pairs``) q also needs k to be the prompt's or of q's own part, and the window is measured in
+    ``position_ids``. ``additive``: 0 where allowed and the dtype's minimum elsewhere (what attention adds to its
+    scores); else 1 / 0 (what a model's own mask preparation inverts)."""
+    idx = torch.arange(seg.shape[1], device=seg.device)
+    q, k = idx[:, None], idx[None, :]
     allowed = (seg[:, :, None] == seg[:, None, :]) & (k <= q)
+    if part is not None:
+        allowed &= (part[:, None, :] == PART_PROMPT) | (part[:, None, :] == part[:, :, None])
     if sliding_window:
-        allowed &= (q - k) < sliding_window
+        pos = position_ids if position_ids is not None else idx[None]
+        allowed &= (pos[:, :, None] - pos[:, None, :]) < sliding_window
     allowed = allowed[:, None]
     if additive:
         return torch.zeros(allowed.shape, dtype=dtype, device=seg.device).masked_fill(~allowed, torch.finfo(dtype).min)
@@ -150,16 +179,18 @@ def _sliding_window_of(model) -> int | None:
     return cfg.sliding_window if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()) else None
 
 
-def _prepared_masks(model, seg):
-    """The mask a model with its own attention code takes for segment ids ``seg``: one prepared (additive) mask per
-    attention type for sliding-window models (``{"full_attention": ..., "sliding_attention": ...}``, the form
-    transformers' and optimum-habana's Gemma 3 accept), else a 1 / 0 mask."""
+def _prepared_masks(model, seg, **shared):
+    """The mask a model with its own attention code takes for segment ids ``seg`` (and, for shared prompts, the
+    ``part`` / ``position_ids`` of ``block_attention_mask``): one prepared (additive) mask per attention type for
+    sliding-window models (``{"full_attention": ..., "sliding_attention": ...}``, the form transformers' and
+    optimum-habana's Gemma 3 accept), else a 1 / 0 mask."""
     dtype = causal_lm_parts(model)[0].get_input_embeddings().weight.dtype
     window = _sliding_window_of(model)
     if window:
-        return {"full_attention": block_attention_mask(seg, dtype=dtype, additive=True),
-                "sliding_attention": block_attention_mask(seg, dtype=dtype, additive=True, sliding_window=window)}
-    return block_attention_mask(seg, dtype=dtype)
+        return {"full_attention": block_attention_mask(seg, dtype=dtype, additive=True, **shared),
+                "sliding_attention": block_attention_mask(seg, dtype=dtype, additive=True, sliding_window=window,
+                                                          **shared)}
+    return block_attention_mask(seg, dtype=dtype, **shared)
 
 
 def packed_model_inputs(model, packed: dict, attention: str = "varlen") -> tuple:
@@ -169,10 +200,20 @@ def packed_model_inputs(model, packed: dict, attention: str = "varlen") -> tuple
     the 4D block-diagonal mask instead, for models with their own attention code."""
     kw = {"position_ids": packed["position_ids"]}
     if attention == "varlen":
-        return packed["attention_mask"], {**kw, CU_KEY: packed["cu_seqlens"]}
+        return packed["attention_mask"], {**kw, BLOCKS_KEY: packed_blocks(packed)}
     if attention != "block_mask":
         raise ValueError(f"packed attention must be varlen or block_mask, not {attention!r}")
-    return _prepared_masks(model, _segments(packed, packed["input_ids"].device)), kw
+    shared = {"part": packed["part"], "position_ids": packed["position_ids"]} if "part" in packed else {}
+    return _prepared_masks(model, _segments(packed, packed["input_ids"].device), **shared), kw
+
+
+def packed_blocks(packed: dict) -> list[tuple[int, int, int, int]]:
+    """The ``BLOCKS_KEY`` attention blocks of a packed row: its own (``pack_pairs``), else one per row of
+    ``cu_seqlens``."""
+    if "blocks" in packed:
+        return packed["blocks"]
+    cu = packed["cu_seqlens"]
+    return [(s, e, s, s) for s, e in zip(cu[:-1], cu[1:])]
 
 
 def rows_attention_mask(model, attention_mask, attention: str = "varlen"):
@@ -221,3 +262,62 @@ def pack_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, pa
     return {"input_ids": one(flat_ids), "attention_mask": torch.ones_like(one(flat_ids)), "loss_mask": one(flat_loss),
             "position_ids": one(pos), "seq_ids": one(seq), "cu_seqlens": [int(x) for x in cu],
             "n_seqs": first}
+
+
+def pack_pairs(chosen: tuple, rejected: tuple, share: list[bool], *, pad_to: int | None = None,
+               pad_value: int = 0) -> dict:
+    """A micro-batch's b pairs in one row, pair by pair: ``[P, C, R]`` for a pair that shares its prompt
+    (``share[i]``; P = the tokens before the row's first loss position, the same in both rows), else its two
+    rows back to back, as ``pack_rows`` lays them. ``chosen`` / ``rejected``: (input_ids, attention_mask,
+    loss_mask) [b, w] as ``build_rows`` gives them. Sequence ids: chosen i → i, rejected i → b + i.
+
+    Returns ``pack_rows``' keys, plus ``part`` [1, T] (PART_*), ``prev_index`` [1, T] (the position whose
+    output predicts each token: t - 1, except a shared pair's first rejected token, predicted by P's last
+    position) and ``blocks`` (``BLOCKS_KEY``)."""
+    b = chosen[0].shape[0]
+    ids, loss, pos, seq, part, prev, cu, blocks, at = [], [], [], [], [], [], [0], [], 0
+
+    def real(rows, i):
+        m = rows[1][i].bool()
+        return rows[0][i][m], rows[2][i][m]
+
+    def put(t_ids, t_loss, t_pos, t_seq, t_part):
+        nonlocal at
+        n = t_ids.shape[0]
+        ids.append(t_ids), loss.append(t_loss), pos.append(t_pos), seq.append(t_seq), part.append(t_part)
+        prev.append((at - 1 + torch.arange(n, device=t_ids.device)).clamp(min=0))
+        at += n
+
+    dev = chosen[0].device
+    ar = lambda n, start=0: start + torch.arange(n, device=dev)  # noqa: E731
+    full = lambda n, v: torch.full((n,), v, dtype=torch.long, device=dev)  # noqa: E731
+    for i in range(b):
+        (c_ids, c_loss), (r_ids, r_loss) = real(chosen, i), real(rejected, i)
+        if share[i]:
+            p = int((c_loss == 0).long().cumprod(0).sum())  # leading non-loss tokens: the prompt
+            if p < 1 or not torch.equal(c_ids[:p], r_ids[:p]) or bool(r_loss[:p].any()) or not bool(r_loss[p:].all()):
+                raise ValueError(f"pair {i}: its rows do not start with the same whole prompt; it cannot share it")
+            s, nc, nr = at, c_ids.shape[0], r_ids.shape[0] - p
+            put(c_ids, c_loss * (ar(nc) > 0), ar(nc), full(nc, i), torch.where(ar(nc) < p, PART_PROMPT, PART_FIRST))
+            put(r_ids[p:], r_loss[p:], ar(nr, p), full(nr, b + i), full(nr, PART_SECOND))
+            prev[-1][0] = s + p - 1
+            blocks += [(s, s + nc, s, s), (s + nc, at, s, s + p)]
+            cu.append(at)
+        else:
+            for k, (t_ids, t_loss) in ((i, (c_ids, c_loss)), (b + i, (r_ids, r_loss))):
+                n, s = t_ids.shape[0], at
+                put(t_ids, t_loss * (ar(n) > 0), ar(n), full(n, k), full(n, PART_FIRST))
+                blocks.append((s, at, s, s))
+                cu.append(at)
+    flat = [torch.cat(x) for x in (ids, loss, pos, seq, part, prev)]
+    extra = max(0, (pad_to or 0) - at)
+    if extra:
+        tail = torch.arange(extra, device=dev)
+        fills = (torch.full((extra,), pad_value, dtype=flat[0].dtype, device=dev), torch.zeros_like(tail), tail,
+                 torch.zeros_like(tail), torch.full_like(tail, PART_FIRST), at - 1 + tail)
+        flat = [torch.cat([x, f.to(x.dtype)]) for x, f in zip(flat, fills)]
+    one = lambda t: t.unsqueeze(0)  # noqa: E731
+    f_ids, f_loss, f_pos, f_seq, f_part, f_prev = flat
+    return {"input_ids": one(f_ids), "attention_mask": torch.ones_like(one(f_ids)), "loss_mask": one(f_loss),
+            "position_ids": one(f_pos), "seq_ids": one(f_seq), "part": one(f_part), "prev_index": one(f_prev),
+            "cu_seqlens": cu, "blocks": blocks, "n_seqs": 2 * b}

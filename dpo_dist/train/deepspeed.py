@@ -48,6 +48,26 @@ def read_ds_config(ds_config) -> dict | None:
     return cfg
 
 
+def weights_bf16(backend, bf16: bool) -> bool:
+    """Whether --bf16 loads the weights in bf16 (and turns on the HF Trainer's bf16): not where the backend runs bf16
+    as DeepSpeed's torch_autocast over fp32 weights (CPU; ``Backend.bf16_autocast``)."""
+    return bool(bf16) and not backend.bf16_autocast
+
+
+def check_bf16(backend, bf16: bool, ds_config) -> None:
+    """--bf16 on a backend that runs it as DeepSpeed's torch_autocast needs that section in the --deepspeed config
+    (the launcher writes it); without it the run would silently train in fp32."""
+    if not bf16 or not backend.bf16_autocast:
+        return
+    cfg = read_ds_config(ds_config)
+    if not cfg or not (cfg.get("torch_autocast") or {}).get("enabled"):
+        raise ArgumentError(
+            f"--bf16 on {backend.device} ranks runs as DeepSpeed's torch_autocast over fp32 weights, and --deepspeed "
+            f"{ds_config or '(none)'} has no enabled torch_autocast section. Fix: launch with `python -m launch train "
+            "--bf16 true`, which writes it, or add \"torch_autocast\": {\"enabled\": true, \"dtype\": \"bfloat16\"} "
+            "to the config, or drop --bf16.")
+
+
 def zero_stage_of(ds_config) -> int:
     """ZeRO stage named in the --deepspeed config (0 when no DeepSpeed)."""
     cfg = read_ds_config(ds_config)

@@ -20,6 +20,7 @@ from dpo_dist.backend import apply_env, get_backend
 from dpo_dist.data.preference import apply_length_policy, load_preference_splits, with_bos
 from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
 from dpo_dist.model.moe import mark_moe_leaves
+from dpo_dist.train.deepspeed import weights_bf16
 from dpo_dist.train.recorder import RunRecorder, _dist_reduce, collect_metrics, current_rss_bytes
 from dpo_dist.train.reshard import finish_reshard, prepare_reshard, watch_reshard
 from dpo_dist.train.runtime import exit_now, rank_main
@@ -59,7 +60,7 @@ def run(model_args, data_args, train_args) -> dict:
     rss_before_model = current_rss_bytes()  # the process before any model: baseline for the planner check
     varlen = train_args.packing and backend.packing_attention == "varlen"
     def load():  # every model: policy, sharded reference, the reference cache's
-        model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16,
+        model, family = load_model(model_args, device=backend.device, bf16=weights_bf16(backend, train_args.bf16),
                                    extra_kwargs=setup.model_load_kwargs, packing=varlen)
         mark_moe_leaves(model, family, setup.zero_stage)  # before DeepSpeed wraps it (dpo_dist/model/moe.py)
         return model, family

@@ -30,7 +30,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from dpo_dist.data.bucketing import bucket_of, row_lengths
+from dpo_dist.data.bucketing import bucket_of, packed_pair_length, row_lengths, shares_prompt
 from dpo_dist.train.losses import LENGTH_NORMALISED, dpo_losses
 
 PACKING_ATTENTION = ("varlen", "block_mask")
@@ -57,6 +57,9 @@ class EngineConfig:
     static_shapes: bool = False
     # Extra keywords for every model forward (HPU: use_flash_attention=True, so Gaudi attention takes FusedSDPA).
     forward_kwargs: dict = field(default_factory=dict)
+    # Packed rows: a pair whose rows keep their whole prompt runs it once, prompt + chosen + rejected
+    # (dpo_dist/model/packing.py ``pack_pairs``; which pairs: dpo_dist/data/bucketing.py ``shares_prompt``).
+    share_prompt: bool = False
 
     def __post_init__(self):
         if self.packing_attention not in PACKING_ATTENTION:
@@ -139,7 +142,9 @@ class EngineCollator:
             c = [row_lengths(a, len(e["chosen_input_ids"]), self.cfg.max_length) for a, e in zip(p, examples)]
             r = [row_lengths(a, len(e["rejected_input_ids"]), self.cfg.max_length) for a, e in zip(p, examples)]
             if self.cfg.packing:
-                total = sum(c) + sum(r)
+                total = sum(packed_pair_length(len(e["prompt_input_ids"]), len(e["chosen_input_ids"]),
+                                               len(e["rejected_input_ids"]), self.cfg.max_length, self.cfg.share_prompt)
+                            for e in examples)
                 out["packed_pad_to"] = torch.tensor(max(total, bucket_of(total, self.buckets)))
             else:
                 out["chosen_pad_to"] = torch.tensor(bucket_of(max(c), self.buckets))
@@ -215,11 +220,17 @@ def pack_batch(batch: dict, cfg: EngineConfig) -> dict:
     when the batch has it. Tensors only (the row bounds as a tensor), so it travels with the batch."""
     import torch
 
-    from dpo_dist.model.packing import pack_rows  # deferred: torch (ranks only)
+    from dpo_dist.model.packing import pack_pairs, pack_rows  # deferred: torch (ranks only)
 
     pad_to = int(batch["packed_pad_to"]) if "packed_pad_to" in batch else None
-    packed = pack_rows([_key_rows(batch, "chosen", cfg), _key_rows(batch, "rejected", cfg)], pad_to=pad_to,
-                       pad_value=cfg.pad_token_id)
+    rows = [_key_rows(batch, "chosen", cfg), _key_rows(batch, "rejected", cfg)]
+    if cfg.share_prompt:
+        lens = [batch[f"{k}_attention_mask"].sum(-1).tolist() for k in ("prompt", "chosen", "rejected")]
+        share = [shares_prompt(p, c, r, cfg.max_length) for p, c, r in zip(*lens)]
+        packed = pack_pairs(*rows, share, pad_to=pad_to, pad_value=cfg.pad_token_id)
+        packed["blocks"] = torch.tensor(packed["blocks"], dtype=torch.long).reshape(-1, 4)
+    else:
+        packed = pack_rows(rows, pad_to=pad_to, pad_value=cfg.pad_token_id)
     packed["cu_seqlens"] = torch.tensor(packed["cu_seqlens"], dtype=torch.long)
     del packed["n_seqs"]  # 2b: the batch knows it
     return packed
@@ -230,6 +241,8 @@ def _packed_from_batch(batch: dict, cfg: EngineConfig) -> dict:
     packed = ({k[len("packed_"):]: v for k, v in batch.items() if k.startswith("packed_") and k != "packed_pad_to"}
               if "packed_input_ids" in batch else pack_batch(batch, cfg))
     packed["cu_seqlens"] = [int(x) for x in packed["cu_seqlens"].tolist()]
+    if "blocks" in packed:
+        packed["blocks"] = [tuple(int(x) for x in blk) for blk in packed["blocks"].tolist()]
     packed["n_seqs"] = 2 * batch["prompt_input_ids"].shape[0]
     return packed
 
@@ -242,7 +255,8 @@ def packed_logps(model, packed: dict, *, attention: str = "varlen", chunk_tokens
 
     mask, extra = packed_model_inputs(model, packed, attention)
     return sequence_logps(model, packed["input_ids"], mask, packed["loss_mask"], chunk_tokens=chunk_tokens,
-                          seq_ids=packed["seq_ids"], n_seqs=packed["n_seqs"], **extra, **forward_kwargs)
+                          seq_ids=packed["seq_ids"], n_seqs=packed["n_seqs"], prev_index=packed.get("prev_index"),
+                          **extra, **forward_kwargs)
 
 
 def _rows_logps(model, input_ids, attention_mask, loss_mask, cfg: EngineConfig, chunk, kw):

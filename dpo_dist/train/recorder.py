@@ -163,9 +163,10 @@ def train_loss_by_step(log_history: list[dict]) -> dict[str, float]:
 
 def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_metrics, recorder, wall_start) -> dict:
     device = trainer.accelerator.device
-    pairs, tokens, fed, steady_pairs, steady_tokens = _dist_reduce(
+    pairs, tokens, fed, unpadded, steady_pairs, steady_tokens = _dist_reduce(
         [float(trainer.pairs_seen), float(trainer.real_tokens_seen), float(trainer.fed_tokens_seen),
-         float(recorder.steady_pairs), float(recorder.steady_tokens)], "sum", device)
+         float(trainer.unpadded_tokens_seen), float(recorder.steady_pairs), float(recorder.steady_tokens)], "sum",
+        device)
     (steady_secs,) = _dist_reduce([float(recorder.steady_seconds)], "max", device)
     (peak,) = _dist_reduce([float(peak_memory_bytes(backend))], "max", device)
     losses = train_losses(trainer.state.log_history)
@@ -195,7 +196,9 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
         "tokens_per_s": tokens / secs,
         "real_tokens": int(tokens),
         "fed_tokens": int(fed),  # real + padding tokens of the policy forwards
-        "padding_fraction": (1.0 - tokens / fed) if fed else None,
+        # The policy forwards' tokens without padding: real_tokens, less each shared prompt's second copy.
+        "unpadded_tokens": int(unpadded),
+        "padding_fraction": (1.0 - unpadded / fed) if fed else None,
         # Steady state: after --throughput_warmup_steps, without the steps that met a new batch shape (a graph
         # compile on HPU). None when no step qualifies.
         "pairs_per_s_steady": steady_pairs / steady_secs if steady_secs > 0 else None,

@@ -111,7 +111,7 @@ def trainer_settings(trainer, bf16: bool) -> dict:
     return dict(engine=True, max_length=e.max_length, max_prompt_length=e.max_prompt_length,
                 max_completion_length=e.max_completion_length, truncation_mode=e.truncation_mode,
                 length_normalised=e.length_normalised, chunked=e.chunked, packing=e.packing,
-                packing_attention=e.packing_attention, static_shapes=e.static_shapes,
+                packing_attention=e.packing_attention, share_prompt=e.share_prompt, static_shapes=e.static_shapes,
                 forward_kwargs=sorted(e.forward_kwargs.items()), bf16=bf16, chat_template=template)
 
 

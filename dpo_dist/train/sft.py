@@ -21,7 +21,7 @@ from dpo_dist.data.preference import load_preference_splits, with_bos
 from dpo_dist.model.loader import load_model, load_tokenizer, lora_config
 from dpo_dist.model.moe import mark_moe_leaves
 from dpo_dist.train import gaudi_trainer
-from dpo_dist.train.deepspeed import zero_stage_of
+from dpo_dist.train.deepspeed import check_bf16, weights_bf16, zero_stage_of
 from dpo_dist.train.engine import tokenize_pair
 from dpo_dist.train.reshard import finish_reshard, prepare_reshard, watch_reshard
 from dpo_dist.train.runtime import exit_now, rank_main
@@ -116,7 +116,8 @@ def run(model_args, data_args, train_args, sft_args):
     else:
         from trl import SFTConfig, SFTTrainer  # heavy: trl loads torch
 
-        kw = dpo_config_kwargs_common(train_args)
+        check_bf16(backend, train_args.bf16, train_args.deepspeed)
+        kw = {**dpo_config_kwargs_common(train_args), "bf16": weights_bf16(backend, train_args.bf16)}
         args = SFTConfig(**kw, max_length=max_len, completion_only_loss=True, packing=False,
                          remove_unused_columns=sft_args.remove_unused_columns)
         load_kwargs = {}
@@ -129,7 +130,8 @@ def run(model_args, data_args, train_args, sft_args):
         train = sft_dataset(train, tokenizer, max_len, trainer_api=backend.trainer_api, split_name="train")
         held_out = sft_dataset(held_out, tokenizer, max_len, trainer_api=backend.trainer_api, split_name="test")
     set_seed(train_args.seed)
-    model, family = load_model(model_args, device=backend.device, bf16=train_args.bf16, extra_kwargs=load_kwargs)
+    model, family = load_model(model_args, device=backend.device, bf16=weights_bf16(backend, train_args.bf16),
+                               extra_kwargs=load_kwargs)
     mark_moe_leaves(model, family, zero_stage_of(train_args.deepspeed))  # before the trainer's DeepSpeed wraps it
     peft_config = lora_config(model_args, family) if model_args.use_peft else None
     set_seed(train_args.seed)

@@ -31,10 +31,12 @@ from dpo_dist.data.bucketing import (
     choose_buckets,
     fed_tokens,
     padding_fraction,
+    pair_packed_lengths,
     pair_row_lengths,
+    unpadded_tokens,
 )
 from dpo_dist.train import gaudi_trainer
-from dpo_dist.train.deepspeed import zero_stage_of
+from dpo_dist.train.deepspeed import check_bf16, weights_bf16, zero_stage_of
 from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics
 from dpo_dist.train.refcache import attach_reference_cache
 from dpo_dist.train.reference import resolve_reference
@@ -62,7 +64,7 @@ def engine_config(backend, train_args, pad_token_id: int) -> EngineConfig:
         loss_type=train_args.loss_type, beta=float(train_args.beta), label_smoothing=float(train_args.label_smoothing),
         chunked=bool(train_args.chunked_logps), packing=bool(train_args.packing),
         packing_attention=backend.packing_attention, static_shapes=backend.static_shapes,
-        forward_kwargs=dict(backend.forward_kwargs),
+        forward_kwargs=dict(backend.forward_kwargs), share_prompt=bool(train_args.packing and train_args.share_prompt),
     )
 
 
@@ -74,6 +76,7 @@ class EngineTrainerMixin:
     real_tokens_seen: int = 0
     pairs_seen: int = 0
     fed_tokens_seen: int = 0  # real + padding tokens of the policy forwards (padding fraction)
+    unpadded_tokens_seen: int = 0  # the policy forwards' tokens without padding (a shared prompt counted once)
     shapes_seen: set | None = None  # (static shapes) batch shapes met so far: a new one is a graph compile
     new_shape_steps: int = 0  # micro-steps that met a new shape
     _dpodist_ref_cached_init: bool = False
@@ -137,11 +140,12 @@ class EngineTrainerMixin:
     def _dpodist_sampler(self):
         """This rank's batch sampler for --length_buckets: grouped by row bucket, or balanced packed totals."""
 
-        chosen, rejected = pair_row_lengths(self.train_dataset, self.dpodist_engine.max_length)
+        e = self.dpodist_engine
         kw = dict(num_replicas=self.args.world_size, rank=self.args.process_index, seed=self.args.seed)
-        if self.dpodist_engine.packing:
-            return PackedBatchSampler([c + r for c, r in zip(chosen, rejected)],
+        if e.packing:
+            return PackedBatchSampler(pair_packed_lengths(self.train_dataset, e.max_length, e.share_prompt),
                                       self.args.per_device_train_batch_size, **kw)
+        chosen, rejected = pair_row_lengths(self.train_dataset, e.max_length)
         return BucketBatchSampler(chosen, rejected, self.dpodist_buckets, self.args.per_device_train_batch_size, **kw)
 
     def _dpodist_epochs(self, batches_per_epoch: int) -> int:
@@ -180,6 +184,7 @@ class EngineTrainerMixin:
             self.real_tokens_seen += count_real_tokens(inputs)
             max_length = self.dpodist_engine.max_length if self.dpodist_engine else getattr(self, "max_length", None)
             self.fed_tokens_seen += fed_tokens(inputs, max_length)
+            self.unpadded_tokens_seen += unpadded_tokens(inputs, max_length)
             ids = inputs.get("chosen_input_ids")
             self.pairs_seen += int(ids.shape[0]) if ids is not None else 0
             if self.shapes_seen is not None:
@@ -272,7 +277,10 @@ def build_training_setup(backend, model_args, data_args, train_args) -> Training
         )
     from trl import DPOConfig
 
-    args = DPOConfig(**dpo_config_kwargs(model_args, data_args, train_args, reference=reference))
+    check_bf16(backend, train_args.bf16, train_args.deepspeed)
+    kwargs = dpo_config_kwargs(model_args, data_args, train_args, reference=reference)
+    kwargs["bf16"] = weights_bf16(backend, train_args.bf16)
+    args = DPOConfig(**kwargs)
     return TrainingSetup("trl", args, zero_stage, reference, None, {})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 
+from launch.plan.hardware import HARDWARE
 from launch.plan.types import Plan
 
 _MEMORY_ROWS = ("params", "grads", "optimizer", "reference", "activations", "logits", "buffers", "overhead")
@@ -23,13 +24,16 @@ def engine_text(plan: Plan) -> str:
     parts = ["chunked log-probs" if plan.chunked_logps else "full logits"]
     if plan.packing:
         parts.append("packed rows (" + ("block-diagonal mask" if plan.packing_attention == "block_mask"
-                                        else "per-row attention") + ")")
+                                        else "per-row attention") + ", shared prompts)")
     if plan.length_buckets:
         parts.append(f"{plan.length_buckets} bucket {'totals' if plan.packing else 'lengths'}")
     if plan.reference == "precomputed":
         parts.append("reference log-prob cache")
     if plan.static_shapes:
         parts.append("static shapes")
+    if plan.bf16:
+        hw = HARDWARE.get(plan.hardware)
+        parts.append("bf16 autocast" if hw is not None and hw.backend.bf16_autocast else "bf16")
     return ", ".join(parts)
 
 

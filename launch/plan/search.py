@@ -197,6 +197,10 @@ def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits
 def make_plan(spec: ModelSpec, hardware: Hardware, options: PlanOptions) -> Plan:
     """Search stage x offload x checkpointing x micro-batch x reference; return the fastest
     plan under the safety margin, or the leanest one with ``fits=False`` and a suggestion."""
+    if options.bf16 is not None and options.bf16 != hardware.bf16 and not hardware.backend.bf16_autocast:
+        raise ValueError(f"{hardware.name} ranks train in {'bf16' if hardware.bf16 else 'fp32'} weights: bf16="
+                         f"{options.bf16} is not available there (only CPU ranks run bf16 as autocast). Fix: leave "
+                         "--bf16 out.")
     fits, c = _best(spec, hardware, options)
     nodes = _nodes(hardware, options)
     return Plan(
@@ -227,4 +231,5 @@ def make_plan(spec: ModelSpec, hardware: Hardware, options: PlanOptions) -> Plan
         packing_attention=hardware.backend.packing_attention,
         static_shapes=hardware.backend.static_shapes,
         uses_deepspeed=c.stage > 0 or not hardware.backend.ddp_without_deepspeed,
+        bf16=hardware.bf16 if options.bf16 is None else options.bf16,
     )

@@ -54,6 +54,9 @@ class PlanOptions:
     pair_tokens: tuple[float, float] | None = None
     # Training pairs, when known: no micro-batch beyond this rank's share (it would repeat pairs).
     train_pairs: int | None = None
+    # bf16 matmuls. None: the hardware's precision. Only hardware whose ranks run bf16 as autocast over fp32
+    # weights (CPU: dpo_dist.backend ``bf16_autocast``) may differ from it; the memory model is unchanged there.
+    bf16: bool | None = None
 
     def __post_init__(self) -> None:
         if self.cards < 1:
@@ -179,6 +182,7 @@ class Plan:
     static_shapes: bool = False
     # False: a ZeRO-0 plan on hardware that runs it as plain DDP (Gaudi: gaudi_spawn --use_mpi, no DeepSpeed).
     uses_deepspeed: bool = True
+    bf16: bool = False  # bf16 matmuls (bf16 weights, or on CPU DeepSpeed's torch_autocast over fp32 weights)
 
     @property
     def global_batch_size(self) -> int:

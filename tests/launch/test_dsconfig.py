@@ -183,6 +183,24 @@ def test_cpu_config_is_fp32(golden_plans):
     assert cfg["bf16"] == {"enabled": False} and cfg["fp16"] == {"enabled": False}
 
 
+def test_cpu_bf16_is_deepspeeds_torch_autocast_over_fp32_weights(ds_config_class):
+    """--bf16 true on CPU: fp32 weights (DeepSpeed's bf16 mode off), DeepSpeed's torch_autocast on; DeepSpeed's own
+    config class reads it. Gaudi keeps bf16 weights and refuses fp32."""
+    spec = load_spec("google/gemma-3-270m")
+    plan = make_plan(spec, HARDWARE["cpu"], PlanOptions(cards=2, card_memory_gib=64, bf16=True))
+    assert plan.bf16
+    cfg = build_ds_config(plan, spec)
+    assert cfg["bf16"] == {"enabled": False} and cfg["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
+    parsed = ds_config_class(cfg, world_size=2)
+    assert parsed.torch_autocast_enabled and str(parsed.torch_autocast_dtype) == "torch.bfloat16"
+    assert not parsed.bfloat16_config.enabled
+    assert "torch_autocast" not in build_ds_config(make_plan(spec, HARDWARE["cpu"], PlanOptions(cards=2)), spec)
+    gaudi = make_plan(spec, HARDWARE["gaudi2"], PlanOptions(cards=8))
+    assert gaudi.bf16 and build_ds_config(gaudi, spec)["bf16"] == {"enabled": True}
+    with pytest.raises(ValueError, match="only CPU ranks run bf16 as autocast"):
+        make_plan(spec, HARDWARE["gaudi2"], PlanOptions(cards=8, bf16=False))
+
+
 def test_build_does_not_mutate_templates(golden_plans):
     before = {n: (TEMPLATE_DIR / n).read_text() for n in TEMPLATES}
     spec, plan = golden_plans[0]

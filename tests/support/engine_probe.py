@@ -24,7 +24,7 @@ if str(ROOT) not in sys.path:
 
 from dpo_dist.train.losses import LOSS_TYPES  # noqa: E402
 
-VARIANTS = ("rows", "buckets", "packed")
+VARIANTS = ("rows", "buckets", "packed", "shared")  # shared: packed with shared prompts
 MAX_LENGTH, MAX_PROMPT = 96, 48
 
 
@@ -61,7 +61,7 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
     from transformers import AutoTokenizer
 
     from dpo_dist.backend import BACKENDS, TWIN
-    from dpo_dist.data.bucketing import choose_buckets, pair_row_lengths
+    from dpo_dist.data.bucketing import choose_buckets, packed_pair_length, pair_row_lengths
     from dpo_dist.model.loader import load_model
     from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics, tokenize_pair
 
@@ -88,7 +88,7 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
     args = type("A", (), {"model_name_or_path": model_dir, "attn_implementation": None, "trust_remote_code": False})
     out = {"path": path, "model_class": None, "variants": {}, "losses": {}}
     for variant in VARIANTS:
-        packing = variant == "packed"
+        packing = variant in ("packed", "shared")
         torch.manual_seed(0)
         model, _ = load_model(args, device="cpu", bf16=False, packing=packing and backend.packing_attention == "varlen")
         model.train()  # dropout is 0 in the tiny configs; train mode is what a step runs in
@@ -96,11 +96,12 @@ def probe(path: str, model_dir: str, data_dir: str, pairs: int = 6, loss_type: s
         cfg = EngineConfig(max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT, max_completion_length=MAX_LENGTH - MAX_PROMPT,
                            pad_token_id=tok.pad_token_id, loss_type=loss_type, beta=0.1, packing=packing,
                            packing_attention=backend.packing_attention, static_shapes=backend.static_shapes,
-                           forward_kwargs=dict(backend.forward_kwargs), chunked=True)
+                           forward_kwargs=dict(backend.forward_kwargs), chunked=True, share_prompt=variant == "shared")
         if variant == "rows":
             buckets = None
-        elif packing:
-            buckets = [sum(chosen) + sum(rejected) + 13]  # one bucket total past the batch's: a padded tail
+        elif packing:  # one bucket total past the batch's: a padded tail
+            buckets = [sum(packed_pair_length(len(p), len(c), len(r), MAX_LENGTH, cfg.share_prompt) for p, c, r in zip(
+                columns["prompt_input_ids"], columns["chosen_input_ids"], columns["rejected_input_ids"])) + 13]
         else:
             buckets = choose_buckets(chosen + rejected, 3)
         batch = EngineCollator(cfg, buckets)(examples)

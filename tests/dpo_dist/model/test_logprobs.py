@@ -93,3 +93,39 @@ def test_planner_counts_chunked_logits_and_reference_cache(monkeypatch):
             p = make_plan(s, hw, opts)
             assert p.reference == "precomputed" and p.fits and p.memory_gib.reference == 0, hw.name
         assert make_plan(s, hw, PlanOptions(reference_cache=False, **room)).reference == "replicated"
+
+
+def test_lm_head_chunks_run_under_the_engines_autocast(tiny_assets):
+    """A DeepSpeed engine with torch_autocast (CPU --bf16) runs its forward in bf16; the lm_head chunks, computed
+    after that forward, run under the same autocast (a model without one: fp32)."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist.model.logprobs import causal_lm_parts
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
+    m = _model("llama", tok)
+
+    class Engine(torch.nn.Module):  # DeepSpeedEngine's autocast surface (deepspeed/runtime/engine.py)
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def torch_autocast_enabled(self):
+            return True
+
+        def torch_autocast_dtype(self):
+            return torch.bfloat16
+
+        def forward(self, **kw):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.module(**kw)
+
+    seen = []
+    causal_lm_parts(m)[1].register_forward_hook(lambda mod, i, o: seen.append(o.dtype))
+    ids, att, loss = build_rows(*_batch(len(tok)), max_length=None)
+    fp32 = sequence_logps(m, ids, att, loss)[0]
+    assert seen == [torch.float32]
+    bf16 = sequence_logps(Engine(m), ids, att, loss)[0]
+    assert seen[-1] == torch.bfloat16 and bf16.dtype == torch.float32
+    torch.testing.assert_close(bf16, fp32, atol=0.5, rtol=0.02)  # bf16 matmuls: close, not equal
+    assert not torch.equal(bf16, fp32)

@@ -160,3 +160,93 @@ def test_planner_sizes_packed_micro_batches_by_the_data(monkeypatch):
     gaudi = make_plan(s, HARDWARE["gaudi2"], PlanOptions(cards=1))
     # The engine on Gaudi too: packed rows through a block-diagonal mask, padded to 8 bucket totals (8 graphs).
     assert gaudi.packing and gaudi.packing_attention == "block_mask" and gaudi.length_buckets == 8 and gaudi.static_shapes
+
+
+def _pairs(vocab, seed, n=3, max_length=14):
+    """Chosen and rejected rows of the SAME prompts; with max_length 14 the last pair's chosen row is cut."""
+    g = torch.Generator().manual_seed(seed)
+    prompt = torch.randint(4, vocab, (n, 7), generator=g)
+    pmask = torch.ones(n, 7, dtype=torch.long)
+    pmask[0, :3] = 0  # left padding
+    prompt[pmask == 0] = 0
+    out = []
+    for C in (6, 4):
+        comp = torch.randint(4, vocab, (n, C), generator=g)
+        cmask = torch.ones(n, C, dtype=torch.long)
+        cmask[1, 2:] = 0  # right padding
+        comp[cmask == 0] = 0
+        out.append(build_rows(prompt, pmask, comp, cmask, max_length=max_length))
+    out[0] = tuple(t.clone() for t in out[0])
+    return out, pmask.sum(-1)
+
+
+@pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("gemma3", "eager"), ("gemma3", "sdpa")])
+def test_shared_prompt_equals_unpacked(tmp_path, tiny_assets, family, attn):
+    """prompt + chosen + rejected in one packed row (the prompt run once) gives the rows' own log-probs and
+    gradients; a pair whose row was cut to max_length keeps its two rows."""
+    from dpo_dist.data.bucketing import shares_prompt
+    from dpo_dist.model.packing import PART_PROMPT, PART_SECOND, pack_pairs
+
+    tok, base, model = _load(tmp_path, tiny_assets, family, attn)
+    (chosen, rejected), plen = _pairs(len(tok), seed=1, max_length=12)
+    ref = torch.cat([sequence_logps(base, *chosen)[0], sequence_logps(base, *rejected)[0]])
+    ref.sum().backward()
+    g_ref = {n: p.grad.clone() for n, p in base.named_parameters() if p.grad is not None}
+
+    rlen = rejected[1].sum(-1) - plen
+    share = [shares_prompt(int(p), int(c), int(r), 12) for p, c, r in zip(plen, [6, 2, 6], [4, 2, 4])]
+    assert share == [True, True, False]  # pair 2: 7 + 6 > 12, its chosen row lost prompt tokens
+    packed = pack_pairs(chosen, rejected, share, pad_to=64, pad_value=tok.pad_token_id)
+    real = int(chosen[1].sum() + rejected[1].sum()) - int(plen[0] + plen[1])
+    assert packed["input_ids"].shape == (1, 64) and packed["cu_seqlens"][-1] == real
+    assert int((packed["part"] == PART_PROMPT).sum()) == int(plen[0] + plen[1])
+    assert int((packed["part"] == PART_SECOND).sum()) == int(rlen[0] + rlen[1])
+    got, _, ntok = packed_logps(model, packed, chunk_tokens=5)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
+    assert torch.equal(ntok, torch.cat([chosen[2][:, 1:].sum(-1), rejected[2][:, 1:].sum(-1)]))
+    got.sum().backward()
+    for n, p in model.named_parameters():
+        scale = max(1.0, float(g_ref[n].abs().max()))
+        torch.testing.assert_close(p.grad, g_ref[n], atol=2e-5 * scale, rtol=1e-4, msg=n)
+
+
+def test_shared_prompt_block_mask_is_the_rows_causal_masks():
+    """block_mask (HPU) attention of a shared pair: the chosen part sees the prompt and itself, the rejected part the
+    prompt and itself, never the chosen part; the window counts positions, not packed offsets."""
+    from dpo_dist.model.packing import _segments, block_attention_mask, pack_pairs
+
+    ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0]])  # prompt [5, 6]; chosen [7, 8]; rejected [9]
+    att = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
+    loss = torch.tensor([[0, 0, 1, 1, 0], [0, 0, 1, 0, 0]])
+    p = pack_pairs((ids[:1], att[:1], loss[:1]), (ids[1:], att[1:], loss[1:]), [True], pad_to=7)
+    assert p["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0]]
+    assert p["position_ids"].tolist() == [[0, 1, 2, 3, 2, 0, 1]]
+    assert p["prev_index"].tolist()[0][4] == 1  # the rejected token is predicted by the prompt's last position
+    assert p["blocks"] == [(0, 4, 0, 0), (4, 5, 0, 2)] and p["cu_seqlens"] == [0, 5]
+    m = block_attention_mask(_segments(p, "cpu"), dtype=torch.float32, part=p["part"], position_ids=p["position_ids"])
+    assert m[0, 0].long().tolist() == [[1, 0, 0, 0, 0, 0, 0],
+                                       [1, 1, 0, 0, 0, 0, 0],
+                                       [1, 1, 1, 0, 0, 0, 0],
+                                       [1, 1, 1, 1, 0, 0, 0],
+                                       [1, 1, 0, 0, 1, 0, 0],
+                                       [0, 0, 0, 0, 0, 1, 0],
+                                       [0, 0, 0, 0, 0, 0, 1]]
+    w = block_attention_mask(_segments(p, "cpu"), dtype=torch.float32, part=p["part"], position_ids=p["position_ids"],
+                             sliding_window=2)
+    assert w[0, 0, 4].long().tolist() == [0, 1, 0, 0, 1, 0, 0]  # position 2 sees positions 1 and 2
+
+
+def test_collator_packs_shared_prompts_and_the_sampler_counts_them_once():
+    from dpo_dist.data.bucketing import fed_tokens, packed_pair_length, unpadded_tokens
+    from dpo_dist.train.engine import EngineCollator, EngineConfig
+
+    cfg = EngineConfig(max_length=9, max_prompt_length=None, max_completion_length=None, pad_token_id=0, packing=True,
+                       share_prompt=True)
+    ex = [{"prompt_input_ids": [5] * 3, "chosen_input_ids": [6] * 4, "rejected_input_ids": [7] * 2},
+          {"prompt_input_ids": [5] * 4, "chosen_input_ids": [6] * 6, "rejected_input_ids": [7] * 1}]
+    assert packed_pair_length(3, 4, 2, 9, True) == 9  # shared: 3 + 4 + 2
+    assert packed_pair_length(4, 6, 1, 9, True) == 9 + 5  # 4 + 6 > 9: two rows, the chosen one cut to 9
+    assert packed_pair_length(3, 4, 2, 9, False) == 7 + 5
+    batch = EngineCollator(cfg, [16, 32])(ex)
+    assert int(batch["packed_pad_to"]) == 32 and batch["packed_cu_seqlens"].tolist() == [0, 9, 18, 23]
+    assert unpadded_tokens(batch, 9) == 23 and fed_tokens(batch, 9) == 32

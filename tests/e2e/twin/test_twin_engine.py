@@ -56,6 +56,14 @@ def test_hpu_path_equals_cpu_path(probes, family):
         for name, g in c["grad_norms"].items():
             assert abs(g - h["grad_norms"][name]) <= 1e-4 * max(g, 1e-6), (v, name, g, h["grad_norms"][name])
         assert c["shape"] == h["shape"], v
+    # Shared prompts (the prompt once, then chosen, then rejected) give the rows' own numbers on both paths, in a
+    # shorter packed row.
+    for side in (cpu, hpu):
+        rows, shared = side["variants"]["rows"], side["variants"]["shared"]
+        _close(rows["chosen_logps"] + rows["rejected_logps"], shared["chosen_logps"] + shared["rejected_logps"], 1e-4,
+               "shared vs rows log-probs")
+        assert abs(rows["loss"] - shared["loss"]) < 1e-5
+        assert shared["shape"][1] < side["variants"]["packed"]["shape"][1]
     # Gaudi attention took the fused kernel (the engine passes use_flash_attention=True); the CPU path has none
     assert hpu["fused_sdpa_calls"] > 0 and cpu["fused_sdpa_calls"] == 0
     # every loss type, computed by the engine on the HPU path, equals the CPU path's (ipo: length-normalised log-probs)

@@ -449,7 +449,7 @@ def test_plan_json_keys(golden):
         "fits", "zero_stage", "offload", "micro_batch_size", "gradient_accumulation_steps", "gradient_checkpointing",
         "reference", "world_size", "nodes", "cards_per_node", "card_memory_gib", "hardware", "model", "use_peft",
         "max_length", "max_prompt_length", "memory_gib", "est_step_time_s", "est_tokens_per_s", "notes", "suggestion",
-        "length_buckets", "packing", "chunked_logps", "packing_attention", "static_shapes", "uses_deepspeed",
+        "length_buckets", "packing", "chunked_logps", "packing_attention", "static_shapes", "uses_deepspeed", "bf16",
     }
     assert set(d["memory_gib"]) == {"params", "grads", "optimizer", "reference", "activations", "logits", "buffers",
                                     "overhead", "total"}
