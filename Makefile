@@ -64,7 +64,7 @@ LAUNCH := $(PY) -m launch
 # The training targets: `python -m launch` with the words of ARGS appended (launch/rank_args.py splits them).
 LAUNCH_WITH_ARGS := $(PY) -m launch.rank_args
 
-.PHONY: help setup setup-gaudi-twin test check lint demo clean plan train-1x train-8x train-multinode sanity bench build run \
+.PHONY: help setup setup-gaudi-twin test check lint demo clean plan train-1x train-8x train-multinode sanity bench bench-planner build run \
 	require-model gaudi-selfcheck
 
 help:
@@ -79,6 +79,7 @@ help:
 	@echo "make train-multinode HOSTFILE=f MODEL=m       several nodes from a DeepSpeed hostfile"
 	@echo "make build | make run HF_TOKEN=...         the Gaudi Docker image"
 	@echo "make bench                                 side-by-side benchmark against plain TRL"
+	@echo "make bench-planner                         CPU memory planner vs measured peak RSS: runs, fit, plot"
 	@echo "make gaudi-selfcheck                       on a Gaudi node: doctor, short runs, figures -> selfcheck.md"
 	@echo "make setup-gaudi-twin                      the Gaudi twin venv (.venv-gaudi): optimum-habana on CPU, for tests"
 	@echo "Extra dpo_dist.dpo flags: ARGS='--learning_rate 1e-6 ...'"
@@ -156,6 +157,9 @@ sanity: require-model $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m bench.run
+
+bench-planner: $(STAMP)
+	$(PY) -m bench.planner
 
 gaudi-selfcheck: $(STAMP)
 	$(PY) -m launch selfcheck $(if $(HARDWARE),--hardware $(call sq,$(HARDWARE)),) $(if $(OUT_DIR),--out_dir $(call sq,$(OUT_DIR)),)

@@ -183,8 +183,10 @@ def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits
     if c.mb * N >= opts.global_batch_size and c.mb > 1:
         notes.append(f"micro-batch capped so the global batch stays near {opts.global_batch_size} pairs")
     if hw.device == "hpu":
-        notes.append(f"HPU overhead +{hw.overhead:.0%} of the formula total, calibrated on one measured Gaudi2 "
-                     f"point (Llama-2-7B LoRA + separate bf16 reference: 87 GiB)")
+        notes.append(f"HPU overhead calibrated on one measured Gaudi2 point (Llama-2-7B LoRA + separate bf16 "
+                     f"reference: 87 GiB): +{hw.overhead:.0%} of the formula total, the part that scales with the "
+                     f"parameters (measured: what the fixed part leaves of that point), + {hw.runtime_gib:g} GiB fixed "
+                     f"per card (assumed: one point cannot separate the two)")
     if not opts.fused_attention:
         notes.append("non-fused attention: activations include the 5·a·s²·b score term")
     if per_node > hw.cards_per_node:
