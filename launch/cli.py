@@ -3,6 +3,7 @@
     python -m launch plan  --model meta-llama/Llama-3-70B --hardware gaudi2 --cards 8
     python -m launch plan  --model M --hardware cpu --cards 2 -- --dataset_name DATA   (sized by DATA's lengths)
     python -m launch train --model M --hardware gaudi2 --cards 8 [--hostfile F] [--dry-run] [-- dpo.py args]
+    python -m launch train ... --nodes 2 --emit slurm|k8s   (run_dir/launch.sbatch or mpijob.yaml; not launched)
     python -m launch doctor [--hardware gaudi2] [--hostfile F]
     python -m launch selfcheck [--hardware gaudi2] [--cards N] [--out_dir D]   (a new node: doctor, short runs, report)
 
@@ -30,6 +31,13 @@ from dpo_dist.util.errors import ArgumentError
 from dpo_dist.util.hfargs import hf_argument_parser
 from dpo_dist.util.lock import folder_is_busy, release_folder
 from launch.cards import available_cards, hl_smi_count
+from launch.cluster import (
+    MPIJOB_FILE,
+    SBATCH_FILE,
+    check_cluster_options,
+    cluster_command_overrides,
+    render_cluster_files,
+)
 from launch.command.builder import (
     CommandError,
     build_launch_command,
@@ -106,6 +114,23 @@ class TrainArguments(PlanArguments):
                                                        "(the Gaudi/CUDA default) instead of one local command per node (--no_ssh)."})
     ssh_port: int | None = field(default=None, metadata={"help": "sshd port on the nodes for the pdsh/ssh launch "
                                                                     "(Habana containers use 3022)."})
+    # Cluster jobs from the same plan (launch/cluster/): written into the run dir, not launched.
+    emit: str | None = field(default=None, metadata={
+        "help": "Write a cluster job instead of launching: slurm (run_dir/launch.sbatch, then `sbatch` it) or k8s "
+                "(run_dir/mpijob.yaml, a Kubeflow MPIJob, then `kubectl apply -f` it). --nodes N needs no hostfile.",
+        "choices": ["slurm", "k8s"]})
+    gres: str | None = field(default=None, metadata={
+        "help": "slurm: the cards' GRES as the site names it, name[:type] (default gpu:hpu on Gaudi, gpu on CUDA, "
+                "none on CPU); the count is --cards. `none`: no --gres line."})
+    time: str | None = field(default=None, metadata={"help": "slurm: the job's time limit (default 24:00:00)."})
+    partition: str | None = field(default=None, metadata={"help": "slurm: the partition (default: the site's)."})
+    image: str | None = field(default=None, metadata={
+        "help": "k8s (required): the image built from this repository's Dockerfile, as the cluster pulls it."})
+    pvc: str | None = field(default=None, metadata={
+        "help": "k8s (required): a ReadWriteMany PersistentVolumeClaim every pod mounts at the run dir."})
+    hf_token_secret: str | None = field(default=None, metadata={
+        "help": "k8s: the Secret NAME[:KEY] that holds the Hugging Face token (default hf-token:token), read by "
+                "reference, never written into the manifest."})
 
 
 @dataclass
@@ -193,7 +218,7 @@ def build_plan(a: PlanArguments, data=None, extra: list[str] = ()):
         if a.nodes not in (1, nodes):
             raise LaunchError(f"--nodes {a.nodes} but the hostfile {a.hostfile} lists {nodes} node(s). Fix: leave "
                               "--nodes out with --hostfile (its hosts are the nodes), or list that many hosts.")
-    elif a.nodes > 1 and isinstance(a, TrainArguments):
+    elif a.nodes > 1 and isinstance(a, TrainArguments) and not a.emit:  # --emit: the scheduler gives the hosts
         raise LaunchError(f"--nodes {a.nodes} without --hostfile: train starts the nodes a hostfile names, and would "
                           f"start only this one. Fix: pass --hostfile with {a.nodes} hosts (`host slots={a.cards}` "
                           "lines); --nodes alone is for `plan`.")
@@ -352,7 +377,9 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None) -> PreparedRu
     Everything that can refuse runs before anything is written; a refusal leaves no run dir behind."""
     spec, hosts, plan = _plan_with_data(a, extra)
     plan = apply_batch_overrides(plan, extra)
-    check_cards_available(a, hosts, environ)
+    cluster = check_cluster_options(a, a.cards)
+    if cluster is None:  # with --emit the nodes are the cluster's, not this one
+        check_cards_available(a, hosts, environ)
     if a.max_restarts < 0:
         raise LaunchError(f"--max_restarts must be 0 or more (got {a.max_restarts}).")
     print(render_plan_table(plan))
@@ -376,19 +403,30 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None) -> PreparedRu
         ds_env_path = str((run_dir / ".deepspeed_env").resolve())
         script_args = dpo_args_for(plan, a, ds_path, run_dir / "output", extra)
 
+        extra_env_names = tuple(n for n in (a.env or "").split(",") if n)
+        # --emit on several nodes: DeepSpeed's command per node, whose hosts the cluster file fills in.
+        cluster_keywords = cluster_command_overrides(plan.nodes, a.cards, a.launcher) if cluster else {}
+
         def command_with(more: list[str] = ()):
-            return build_launch_command(
-                a.hardware, a.cards, hosts, [*script_args, *more], master_port=a.master_port, launcher=a.launcher,
-                module=f"dpo_dist.{a.task}", hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path,
-                extra_env_names=tuple(n for n in (a.env or "").split(",") if n), environ=environ,
-                no_ssh=False if a.ssh else None, ssh_port=a.ssh_port, deepspeed=plan.uses_deepspeed,
-                plan_env=plan_env(plan),
-            )
+            keywords = dict(
+                hosts=hosts, master_port=a.master_port, launcher=a.launcher, module=f"dpo_dist.{a.task}",
+                hostfile_path=hostfile_path, deepspeed_env_path=ds_env_path, extra_env_names=extra_env_names,
+                environ=environ, no_ssh=False if a.ssh else None, ssh_port=a.ssh_port, deepspeed=plan.uses_deepspeed,
+                plan_env=plan_env(plan))
+            keywords.update(cluster_keywords)
+            return build_launch_command(a.hardware, a.cards, script_args=[*script_args, *more], **keywords)
 
         cmd = command_with()
+        if cluster_keywords:
+            cmd = dataclasses.replace(cmd, description=cmd.description + f"\n--emit {a.emit}: the cluster file runs "
+                                      "this per-node command with the hostfile, node rank and master address of the "
+                                      "allocation in place of the placeholders.")
         # Everything that can refuse the launch (secrets, quoting) runs before the files are written.
         command_sh = render_command_sh(cmd)
         deepspeed_env = render_deepspeed_env(cmd.deepspeed_env) if cmd.deepspeed_env else None
+        cluster_files = render_cluster_files(
+            cluster, cmd, plan, run_dir, workdir=os.getcwd(), environ=os.environ if environ is None else environ,
+            extra_env_names=extra_env_names) if cluster else {}
         if not a.run_dir:
             check_output_dir_for_launch(output_dir, extra)
         if ds_config is not None:
@@ -397,6 +435,8 @@ def prepare_run(a: TrainArguments, extra: list[str], environ=None) -> PreparedRu
         written.append(write_atomic(run_dir / "command.sh", command_sh, mode=0o755))
         if deepspeed_env is not None:
             written.append(write_atomic(run_dir / ".deepspeed_env", deepspeed_env, mode=0o644))
+        for name, (text, mode) in cluster_files.items():
+            written.append(write_atomic(run_dir / name, text, mode=mode))
     except BaseException as e:
         if made:  # nothing of a refused launch stays behind: the files this call wrote, then the folder it made
             for f in written:
@@ -423,7 +463,7 @@ class NoFit(Exception):
 def cmd_train(argv) -> int:
     argv, extra = _split_rank_args(argv)
     a = _parse(TrainArguments, argv)
-    if not a.dry_run and (busy := master_port_problem_for(a.master_port, a.hostfile)):
+    if not (a.dry_run or a.emit) and (busy := master_port_problem_for(a.master_port, a.hostfile)):
         raise LaunchError(busy)
     run = prepare_run(a, extra)
     try:
@@ -435,6 +475,11 @@ def cmd_train(argv) -> int:
 def _launch(a: TrainArguments, extra: list[str], run: PreparedRun) -> int:
     print(f"run dir: {run.run_dir}")
     print(format_command(run.cmd))
+    if a.emit:
+        name = SBATCH_FILE if a.emit == "slurm" else MPIJOB_FILE
+        how = "sbatch" if a.emit == "slurm" else "kubectl apply -f"
+        print(f"--emit {a.emit}: wrote {run.run_dir / name}; not launched. Submit with: {how} {run.run_dir / name}")
+        return 0
     if a.dry_run:
         print("dry run: not launched.")
         return 0
