@@ -6,7 +6,7 @@ SHELL := /bin/bash
 # quotes are plain characters there), and ARGS / PYTEST_ARGS, which are lists of words, through the environment to
 # Python's shlex (launch/rank_args.py, PYTEST_ADDOPTS): no shell ever reads them.
 USER_VARS := MODEL MODEL_NAME HARDWARE CARDS NODE_CARDS HOSTFILE RUN_DIR DRY_RUN ARGS DATASET DATASET_COLUMNS CHAT_TEMPLATE \
-	OUT_DIR DEMO_DIR IMAGE \
+	OUT_DIR DEMO_DIR IMAGE RECIPE TB_PORT \
 	PYTEST_ARGS HF_TOKEN PYTHON TORCH_SPEC
 GIVEN_VARS := $(foreach v,$(sort $(USER_VARS) $(.VARIABLES)),$(if $(filter command line environment environment override,$(origin $(v))),$(if $(filter $(v),$(USER_VARS)) $(filter command line,$(origin $(v))),$(v))))
 $(foreach v,$(GIVEN_VARS),$(eval override $(v) := $$(value $(v))))
@@ -42,6 +42,8 @@ HARDWARE ?= gaudi2
 CARDS ?= 8
 RUN_DIR ?=
 DEMO_DIR ?= runs/demo
+RECIPE ?=
+TB_PORT ?= 6006
 PYTEST_ARGS ?=
 
 export DS_BUILD_OPS := 0
@@ -63,9 +65,11 @@ DRY := $(if $(filter 1 yes true,$(DRY_RUN)),--dry-run,)
 LAUNCH := $(PY) -m launch
 # The training targets: `python -m launch` with the words of ARGS appended (launch/rank_args.py splits them).
 LAUNCH_WITH_ARGS := $(PY) -m launch.rank_args
+# RECIPE=recipes/<hardware>/<model>-<lora|full>.yaml (make recipes): the launcher plans with its choices.
+RECIPE_FLAG = $(if $(RECIPE),--recipe $(call sq,$(RECIPE)),)
 
 .PHONY: help setup setup-gaudi-twin test check lint demo clean plan train-1x train-8x train-multinode sanity bench bench-planner build run \
-	require-model gaudi-selfcheck
+	require-model gaudi-selfcheck tensorboard recipes
 
 help:
 	@echo "make demo                                  full pipeline on the built-in tiny model (2 CPU ranks, ZeRO-3)"
@@ -78,6 +82,9 @@ help:
 	@echo "make train-1x|train-8x MODEL=m [DRY_RUN=1]    one node, 1 or 8 cards"
 	@echo "make train-multinode HOSTFILE=f MODEL=m       several nodes from a DeepSpeed hostfile"
 	@echo "make build | make run HF_TOKEN=...         the Gaudi Docker image"
+	@echo "  [RECIPE=recipes/gaudi2/llama-3-70b-lora.yaml]   a generated recipe (make recipes; ARGS= flags still win)"
+	@echo "make tensorboard RUN_DIR=d [TB_PORT=6006]  serve the TensorBoard event files of a run (--report_to tensorboard)"
+	@echo "make recipes                               regenerate recipes/<hardware>/*.yaml from the planner"
 	@echo "make bench                                 side-by-side benchmark against plain TRL"
 	@echo "make bench-planner                         CPU memory planner vs measured peak RSS: runs, fit, plot"
 	@echo "make gaudi-selfcheck                       on a Gaudi node: doctor, short runs, figures -> selfcheck.md"
@@ -143,14 +150,14 @@ plan: require-model $(STAMP)
 	$(LAUNCH) plan --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards $(call sq,$(CARDS)) $(if $(HOSTFILE),--hostfile $(call sq,$(HOSTFILE)),)
 
 train-1x: require-model $(STAMP)
-	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 1 $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(DRY) --
+	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 1 $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(RECIPE_FLAG) $(DRY) --
 
 train-8x: require-model $(STAMP)
-	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 8 $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(DRY) --
+	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 8 $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(RECIPE_FLAG) $(DRY) --
 
 train-multinode: require-model $(STAMP)
 	@if [ -z $(call sq,$(HOSTFILE)) ]; then echo "error: HOSTFILE is required, e.g. HOSTFILE=hostfiles/gaudi_2x8.txt" >&2; exit 2; fi
-	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards $(call sq,$(NODE_CARDS)) --hostfile $(call sq,$(HOSTFILE)) $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(DRY) --
+	$(LAUNCH_WITH_ARGS) train --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards $(call sq,$(NODE_CARDS)) --hostfile $(call sq,$(HOSTFILE)) $(if $(RUN_DIR),--run_dir $(call sq,$(RUN_DIR)),) $(RECIPE_FLAG) $(DRY) --
 
 sanity: require-model $(STAMP)
 	$(PY) -m dpo_dist.pipeline --model $(call sq,$(MODEL)) --hardware $(call sq,$(HARDWARE)) --cards 1 $(if $(OUT_DIR),--out_dir $(call sq,$(OUT_DIR)),) $(if $(DATASET),--dataset_name $(call sq,$(DATASET)),) $(if $(DATASET_COLUMNS),--dataset_columns $(call sq,$(DATASET_COLUMNS)),) $(if $(CHAT_TEMPLATE),--chat_template $(call sq,$(CHAT_TEMPLATE)),)
@@ -160,6 +167,16 @@ bench: $(STAMP)
 
 bench-planner: $(STAMP)
 	$(PY) -m bench.planner
+
+# TensorBoard over a run's event files (--report_to tensorboard writes them under <output_dir>/runs/; the
+# comparison's go under runs/compare beside its results): every run below RUN_DIR.
+tensorboard: $(STAMP)
+	@if [ -z $(call sq,$(RUN_DIR)) ]; then echo "error: RUN_DIR is required, e.g. make tensorboard RUN_DIR=runs/demo" >&2; exit 2; fi
+	$(PY) -m tensorboard.main --logdir $(call sq,$(RUN_DIR)) --port $(call sq,$(TB_PORT))
+
+# recipes/<hardware>/<model>-<lora|full>[-<N>cards].yaml from the planner (launch/recipes.py); commit the result.
+recipes: $(STAMP)
+	$(LAUNCH) recipes --write
 
 gaudi-selfcheck: $(STAMP)
 	$(PY) -m launch selfcheck $(if $(HARDWARE),--hardware $(call sq,$(HARDWARE)),) $(if $(OUT_DIR),--out_dir $(call sq,$(OUT_DIR)),)

@@ -19,6 +19,7 @@ from dpo_dist.train.losses import LOSS_TYPES  # every loss type, on every backen
 from dpo_dist.train.reference import REFERENCE_CHOICES  # the planner's words for where the reference lives
 from dpo_dist.util.errors import ArgumentError
 from dpo_dist.util.hfargs import hf_argument_parser
+from dpo_dist.util.tracking import check_report_to
 
 
 @dataclass
@@ -124,7 +125,10 @@ class TrainArguments:
     save_steps: int = field(default=500, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=2, metadata={"help": "Keep at most N checkpoints."})
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (default: only at the end)."})
-    report_to: str = field(default="none", metadata={"help": "HF report_to (none, tensorboard, wandb, ...)."})
+    report_to: str = field(default="none", metadata={
+        "help": "Experiment trackers, comma-separated: none, tensorboard (event files under <output_dir>/runs/; "
+                "`make tensorboard RUN_DIR=...`), mlflow, wandb, comet_ml, ... A tracker that is not installed is "
+                "refused before anything loads."})
     dataloader_num_workers: int = field(default=0, metadata={"help": "Data loader workers per rank."})
     dist_timeout: int = field(
         default=1800,
@@ -218,6 +222,7 @@ def validate(model_args: ModelArguments, data_args: DataArguments, train_args: T
             f"--dist_timeout must be a positive number of seconds (got {train_args.dist_timeout}); it bounds how long "
             "a collective waits for a rank that is gone (default 1800)."
         )
+    check_report_to(train_args.report_to)  # a tracker that is not installed: refused here, not after the data loads
     if train_args.throughput_warmup_steps < 0:
         raise ArgumentError(f"--throughput_warmup_steps must be 0 or more (got {train_args.throughput_warmup_steps}).")
     if model_args.lora_r < 1 or model_args.lora_alpha < 1:
@@ -257,6 +262,8 @@ def _validate_dpo(model_args: ModelArguments, train_args: TrainArguments) -> Non
 
 
 _UNSET = object()
+# A recipe's block for `python -m launch train --recipe` (launch/recipes.py: the planner's choices); the ranks skip it.
+RECIPE_LAUNCH_KEY = "launch"
 
 
 def _refuse_dpo_only(parser, argv: list[str], recipe: dict, config_path: str | None) -> None:
@@ -316,6 +323,7 @@ def parse_args(argv: list[str] | None = None, dataclass_types=ARG_DATACLASSES, *
             raise ArgumentError(f"--config {config_path}: not valid YAML ({e}).") from e
         if not isinstance(recipe, dict):
             raise ArgumentError(f"--config {config_path}: expected a mapping of argument names to values.")
+        recipe.pop(RECIPE_LAUNCH_KEY, None)  # the launcher's block of a generated recipe (launch/recipes.py)
         known = {f.name for dc in dataclass_types for f in fields(dc)}
         unknown = sorted(set(recipe) - known)
         if unknown:

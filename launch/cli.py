@@ -6,6 +6,8 @@
     python -m launch train ... --nodes 2 --emit slurm|k8s   (run_dir/launch.sbatch or mpijob.yaml; not launched)
     python -m launch doctor [--hardware gaudi2] [--hostfile F]
     python -m launch selfcheck [--hardware gaudi2] [--cards N] [--out_dir D]   (a new node: doctor, short runs, report)
+    python -m launch recipes [--write | --check]   (recipes/<hardware>/<model>-<lora|full>.yaml from the planner)
+    python -m launch train --model M --recipe recipes/gaudi2/llama-3-8b-lora.yaml [-- dpo.py args that win]
 
 Data flows one way: model config + hardware + options → Plan → DeepSpeed config + command →
 spawn. Everything before `spawn` is pure and importable without torch.
@@ -53,7 +55,10 @@ from launch.masterport import master_port_problem_for
 from launch.plan import HARDWARE, PlanOptions, SpecError, load_spec, make_plan, plan_to_dict
 from launch.plan.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
 from launch.plan.report import render_plan_table
+from launch.recipes import RecipesArguments, apply_recipe, run_recipes
 from launch.rundir import RunDirError, check_run_dir, claim_run_dir, remove_made
+from launch.runmetrics import record_plan_in_metrics
+from launch.runmetrics import summary_lines as planned_vs_measured_lines
 from launch.spawn import spawn
 from launch.supervise import (
     DEFAULT_DIST_TIMEOUT_S,
@@ -62,6 +67,7 @@ from launch.supervise import (
     record_restarts_in_metrics,
     supervise,
 )
+from launch.tracking import check_rank_trackers
 
 EXIT_USAGE = 2
 EXIT_NO_FIT = 3
@@ -108,6 +114,9 @@ class TrainArguments(PlanArguments):
                 "complete checkpoint, at most this many times (0: stop at the first failure)."})
     master_port: int = field(default=29500, metadata={"help": "Rendezvous port on the first node."})
     task: str = field(default="dpo", metadata={"help": "dpo or sft (the rank module to run).", "choices": ["dpo", "sft"]})
+    recipe: str | None = field(default=None, metadata={
+        "help": "A generated recipe (recipes/<hardware>/<model>-<lora|full>.yaml): its planner choices for this "
+                "launch (where not given here) and its rank flags (--config; flags after `--` win)."})
     launcher: str = field(default="auto", metadata={"help": "auto, deepspeed, torchrun or gaudi_spawn."})
     env: str | None = field(default=None, metadata={"help": "Comma-separated extra env var names for every node (.deepspeed_env)."})
     ssh: bool = field(default=False, metadata={"help": "CPU multi-node: start the nodes over ssh with DeepSpeed's pdsh runner "
@@ -375,6 +384,10 @@ def check_output_dir_for_launch(output_dir: Path, extra: list[str]) -> None:
 def prepare_run(a: TrainArguments, extra: list[str], environ=None) -> PreparedRun:
     """Plan, then claim and write the run dir (plan.json, ds_config.json, command.sh, .deepspeed_env).
     Everything that can refuse runs before anything is written; a refusal leaves no run dir behind."""
+    try:  # a --report_to tracker this Python lacks: refused before the plan, the run dir and the ranks
+        check_rank_trackers(extra)
+    except ArgumentError as e:
+        raise LaunchError(str(e)) from None
     spec, hosts, plan = _plan_with_data(a, extra)
     plan = apply_batch_overrides(plan, extra)
     cluster = check_cluster_options(a, a.cards)
@@ -463,6 +476,11 @@ class NoFit(Exception):
 def cmd_train(argv) -> int:
     argv, extra = _split_rank_args(argv)
     a = _parse(TrainArguments, argv)
+    if a.recipe:  # the recipe's planner choices where the command line sets none; its rank flags before `--`'s
+        try:
+            extra = apply_recipe(a, argv, extra)
+        except ArgumentError as e:
+            raise LaunchError(str(e)) from None
     if not (a.dry_run or a.emit) and (busy := master_port_problem_for(a.master_port, a.hostfile)):
         raise LaunchError(busy)
     run = prepare_run(a, extra)
@@ -509,6 +527,9 @@ def _launch(a: TrainArguments, extra: list[str], run: PreparedRun) -> int:
         return result.returncode
     if a.max_restarts:
         record_restarts_in_metrics(run.output_dir, restarts)
+    if a.task == "dpo" and (block := record_plan_in_metrics(run.output_dir, plan_to_dict(run.plan),
+                                                            str(run.run_dir / "plan.json"))):
+        print("\n".join(planned_vs_measured_lines(block)))
     print(f"launch: done{f' after {len(restarts)} restart(s)' if restarts else ''}. Model and metrics in "
           f"{run.output_dir}")
     return 0
@@ -529,7 +550,12 @@ def cmd_selfcheck(argv) -> int:
         raise LaunchError(str(e)) from None
 
 
-COMMANDS = {"plan": cmd_plan, "train": cmd_train, "doctor": cmd_doctor, "selfcheck": cmd_selfcheck}
+def cmd_recipes(argv) -> int:
+    return run_recipes(_parse(RecipesArguments, argv))
+
+
+COMMANDS = {"plan": cmd_plan, "train": cmd_train, "doctor": cmd_doctor, "selfcheck": cmd_selfcheck,
+            "recipes": cmd_recipes}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,8 @@ from dpo_dist.util.logs import redact
 from dpo_dist.util.paths import REPO_ROOT
 from launch.plan import HARDWARE
 from launch.rundir import RunDirError, check_run_dir, claim_run_dir, safe_name
+from launch.runmetrics import KEY as PLANNED_VS_MEASURED
+from launch.runmetrics import summary_lines as planned_vs_measured_lines
 
 ROOT = REPO_ROOT
 RECIPES = ROOT / "recipes"
@@ -53,6 +55,9 @@ class PipelineArguments:
     zero_stage: int | None = field(default=None, metadata={"help": "Force a ZeRO stage instead of the planner's."})
     demo: bool = field(default=False, metadata={"help": "Built-in tiny Llama + generated hh-rlhf data, 2 CPU ranks, ZeRO-3."})
     skip_hw_check: bool = field(default=False, metadata={"help": "Do not run hl-smi before starting on Gaudi."})
+    report_to: str | None = field(default=None, metadata={
+        "help": "Trackers for SFT, DPO and the comparison (tensorboard, mlflow, wandb, ...; none); default: the "
+                "recipe's report_to."})
 
 
 class StepFailed(Exception):
@@ -145,6 +150,8 @@ def run_pipeline(a: PipelineArguments) -> int:
     data = ["--dataset_name", a.dataset_name]
     data += ["--dataset_columns", a.dataset_columns] if a.dataset_columns else []
     data += ["--chat_template", a.chat_template] if a.chat_template else []
+    tracker = a.report_to or recipe_value(recipe / "dpo.yaml", "report_to")
+    track = ["--report_to", a.report_to] if a.report_to else []  # else the recipes' own
     t0 = time.perf_counter()
     try:
         if HARDWARE[a.hardware].device == "hpu" and not (a.skip_hw_check or twin_requested()):
@@ -153,14 +160,15 @@ def run_pipeline(a: PipelineArguments) -> int:
                                  "(--skip_hw_check to skip)")
             p.step("hardware check", ["hl-smi", "-Q", "index,name,memory.total", "-f", "csv"])
         p.step("sft", launch_argv(a, "sft", a.model, out / "sft_run",
-                                  ["--config", recipe / "sft.yaml", *data, "--output_dir", out / "sft_dpo_init"]))
+                                  ["--config", recipe / "sft.yaml", *data, *track, "--output_dir", out / "sft_dpo_init"]))
         p.step("dpo", launch_argv(a, "dpo", str(out / "sft_dpo_init_merged"), out / "dpo_run",
-                                  ["--config", recipe / "dpo.yaml", *data, "--output_dir", out / "dpo_sanity"]))
+                                  ["--config", recipe / "dpo.yaml", *data, *track, "--output_dir", out / "dpo_sanity"]))
         shutil.copyfile(out / "dpo_sanity" / METRICS_FILE, out / METRICS_FILE)
         p.step("compare", [sys.executable, "-m", "dpo_dist.compare_base_vs_dpo",
                            "--base_model", out / "sft_dpo_init_merged", "--finetuned_model", out / "dpo_sanity_merged",
                            *data, "--output_json", out / "dpo_comparison_results.json",
-                           "--training_dir", out / "dpo_sanity", "--seed", "0", "--num_prompts", "4"])
+                           "--training_dir", out / "dpo_sanity", "--seed", "0", "--num_prompts", "4",
+                           *(["--report_to", tracker] if tracker else [])])
         p.step("generation test", [sys.executable, "-m", "dpo_dist.generate", "--model_name_or_path",
                                    out / "dpo_sanity_merged", "--prompt", PROMPT, "--raw_prompt", "--max_new_tokens", "48",
                                    "--num_return_sequences", "2", "--seed", "0"])
@@ -196,8 +204,23 @@ def summary(p: Pipeline, out: Path, seconds: float) -> None:
         f"  DPO throughput: {m['pairs_per_s']:.2f} pairs/s, {m['tokens_per_s']:.0f} tokens/s on {m['world_size']} ranks "
         f"(ZeRO-{m['zero_stage']}, reference {m['reference']})",
     ]
+    if any(out.rglob("events.out.tfevents.*")):
+        lines.append(f"  TensorBoard:           make tensorboard RUN_DIR={out}   (SFT, DPO and the comparison)")
+    if m.get(PLANNED_VS_MEASURED):
+        lines += planned_vs_measured_lines(m[PLANNED_VS_MEASURED])
     for line in lines:
         p.say(line)
+
+
+def recipe_value(path: Path, key: str):
+    """One key of a recipe (YAML), or None when the file or the key is not there."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return None
+    return data.get(key) if isinstance(data, dict) else None
 
 
 def _fmt(x) -> str:

@@ -36,7 +36,7 @@ with open(os.environ["STUB_LOG"], "a") as f:
 """
 MAKE_ENV_DROP = ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MODEL", "MODEL_NAME", "HARDWARE", "CARDS", "NODE_CARDS", "HOSTFILE",
                  "RUN_DIR", "DRY_RUN", "ARGS", "DATASET", "DATASET_COLUMNS", "CHAT_TEMPLATE", "OUT_DIR", "DEMO_DIR", "IMAGE", "PYTEST_ARGS", "PYTEST_ADDOPTS",
-                 "HF_TOKEN", "PYTHON", "TORCH_SPEC")
+                 "HF_TOKEN", "PYTHON", "TORCH_SPEC", "RECIPE", "TB_PORT")
 
 
 def payload(marks: Path, tag: str) -> str:
@@ -79,13 +79,17 @@ def value_of(argv: list[str], flag: str) -> str:
 CASES = {  # target: (variables, {flag: variable whose value it must carry}, the module run)
     "plan": (("MODEL", "HARDWARE", "CARDS", "HOSTFILE"),
              {"--model": "MODEL", "--hardware": "HARDWARE", "--cards": "CARDS", "--hostfile": "HOSTFILE"}, "launch"),
-    "train-1x": (("MODEL", "HARDWARE", "RUN_DIR", "ARGS", "DRY_RUN"),
-                 {"--model": "MODEL", "--hardware": "HARDWARE", "--run_dir": "RUN_DIR"}, "launch.rank_args"),
-    "train-8x": (("MODEL", "HARDWARE", "RUN_DIR", "ARGS"),
-                 {"--model": "MODEL", "--hardware": "HARDWARE", "--run_dir": "RUN_DIR"}, "launch.rank_args"),
-    "train-multinode": (("MODEL", "HARDWARE", "NODE_CARDS", "HOSTFILE", "RUN_DIR", "ARGS"),
+    "train-1x": (("MODEL", "HARDWARE", "RUN_DIR", "ARGS", "DRY_RUN", "RECIPE"),
+                 {"--model": "MODEL", "--hardware": "HARDWARE", "--run_dir": "RUN_DIR", "--recipe": "RECIPE"},
+                 "launch.rank_args"),
+    "train-8x": (("MODEL", "HARDWARE", "RUN_DIR", "ARGS", "RECIPE"),
+                 {"--model": "MODEL", "--hardware": "HARDWARE", "--run_dir": "RUN_DIR", "--recipe": "RECIPE"},
+                 "launch.rank_args"),
+    "train-multinode": (("MODEL", "HARDWARE", "NODE_CARDS", "HOSTFILE", "RUN_DIR", "ARGS", "RECIPE"),
                         {"--model": "MODEL", "--hardware": "HARDWARE", "--cards": "NODE_CARDS", "--hostfile": "HOSTFILE",
-                         "--run_dir": "RUN_DIR"}, "launch.rank_args"),
+                         "--run_dir": "RUN_DIR", "--recipe": "RECIPE"}, "launch.rank_args"),
+    "tensorboard": (("RUN_DIR", "TB_PORT"), {"--logdir": "RUN_DIR", "--port": "TB_PORT"}, "tensorboard.main"),
+    "recipes": ((), {}, "launch"),
     "sanity": (("MODEL", "HARDWARE", "OUT_DIR", "DATASET", "DATASET_COLUMNS", "CHAT_TEMPLATE"),
                {"--model": "MODEL", "--hardware": "HARDWARE", "--out_dir": "OUT_DIR", "--dataset_name": "DATASET",
                 "--dataset_columns": "DATASET_COLUMNS", "--chat_template": "CHAT_TEMPLATE"},

@@ -64,6 +64,7 @@ from dpo_dist.util.errors import ArgumentError, UserError
 from dpo_dist.util.hfargs import parse_dataclasses
 from dpo_dist.util.layout import METRICS_FILE, TRAINER_STATE
 from dpo_dist.util.logs import setup_logging
+from dpo_dist.util.tracking import check_report_to, flat_scalars, log_comparison, tracker_names
 
 logger = logging.getLogger("dpo_dist.compare")
 
@@ -121,6 +122,14 @@ class CompareArguments:
     )
     device: str = field(default="auto", metadata={"help": "auto, hpu, cuda or cpu.", "choices": ["auto", "hpu", "cuda", "cpu"]})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow custom modeling code from the hub."})
+    report_to: str = field(
+        default="none",
+        metadata={"help": "Trackers for the metrics and plots, as training's --report_to: none, tensorboard, mlflow, "
+                          "wandb (comma-separated). A tracker that is not installed is refused before anything loads."},
+    )
+    logging_dir: str | None = field(
+        default=None, metadata={"help": "TensorBoard event folder; default runs/compare beside --output_json."}
+    )
 
     @property
     def max_completion_length(self) -> int:
@@ -173,6 +182,7 @@ def validate(a: CompareArguments) -> None:
         raise ArgumentError(f"--beta must be > 0 (got {a.beta}).")
     if not 0 < a.eval_fraction < 1:
         raise ArgumentError(f"--eval_fraction must be in (0, 1) (got {a.eval_fraction}).")
+    check_report_to(a.report_to)
     _check_writable_file(Path(a.output_json).expanduser(), "--output_json")
     if not a.no_report:
         _check_writable_file(a.report_path(), "--report")
@@ -500,10 +510,29 @@ def run(a: CompareArguments, t_start: float) -> dict:
         plots = write_plots(results, a, history)
         results["report"] = {"markdown": str(a.report_path()), "plots": {k: v for k, v in plots.items() if v}}
     results["total_duration_sec"] = time.perf_counter() - t_start
+    if tracker_names(a.report_to):
+        results["tracking"] = log_to_trackers(results, a, plots)
     if not a.no_report:
         _write_markdown(results, a, plots, out_json)
     write_json_atomic(out_json, results)
     return results
+
+
+def logging_dir_for(a: CompareArguments) -> Path:
+    return Path(a.logging_dir).expanduser() if a.logging_dir else Path(a.output_json).expanduser().parent / "runs" / "compare"
+
+
+def log_to_trackers(results: dict, a: CompareArguments, plots: dict[str, str | None]) -> dict:
+    """The metrics (every number under `metrics`, as compare/<model>/<metric>) and the plots (compare/<plot>) to the
+    trackers of --report_to, at the training run's last step when it is known."""
+    scalars = flat_scalars(results["metrics"], "compare/")
+    images = {f"compare/{k}": v for k, v in plots.items() if v}
+    step = int((results.get("training") or {}).get("steps") or 0)
+    logging_dir = logging_dir_for(a)
+    done = log_comparison(a.report_to, logging_dir=logging_dir, scalars=scalars, images=images, step=step)
+    logger.info("logged %d metrics and %d plots to %s", len(scalars), len(images), ", ".join(done) or "no tracker")
+    return {"report_to": done, "logging_dir": str(logging_dir) if "tensorboard" in done else None,
+            "scalars": len(scalars), "images": sorted(images), "step": step}
 
 
 def _write_markdown(results, a: CompareArguments, plots, out_json: Path) -> None:

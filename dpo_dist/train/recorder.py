@@ -69,10 +69,12 @@ class RunRecorder:
         self.steady_seconds = 0.0
         self.steady_pairs = 0
         self.steady_tokens = 0
+        self.steady_steps = 0
         self._step = None
         self.diag: dict = {}
         self.loss_total: float | None = None
         self.loss_step = 0
+        self.first_step = 0  # global step at train begin (a resumed run starts past 0)
         stop = os.environ.get(STOP_AFTER_STEP_ENV, "").strip()
         self.stop_after_step = int(stop) if stop else None
         recorder = self
@@ -85,6 +87,7 @@ class RunRecorder:
                 # Trainer zeroes _total_loss_scalar right before on_train_begin (also on resume).
                 recorder.loss_total = getattr(recorder.trainer, "_total_loss_scalar", None)
                 recorder.loss_step = state.global_step
+                recorder.first_step = state.global_step
 
             def on_step_begin(self, args, state, control, **kw):
                 t = recorder.trainer
@@ -117,6 +120,7 @@ class RunRecorder:
             self.steady_seconds += time.perf_counter() - t0
             self.steady_pairs += t.pairs_seen - pairs
             self.steady_tokens += t.real_tokens_seen - tokens
+            self.steady_steps += 1
         self._step = None
 
     def record_loss(self, state, logs) -> None:
@@ -171,6 +175,7 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
     (peak,) = _dist_reduce([float(peak_memory_bytes(backend))], "max", device)
     losses = train_losses(trainer.state.log_history)
     secs = max(recorder.train_seconds, 1e-9)
+    steps_run = trainer.state.global_step - (recorder.first_step or 0)  # a resumed run: the steps this process ran
     return {
         "backend": backend.device,
         "dist_backend": backend.dist_backend,
@@ -204,6 +209,11 @@ def collect_metrics(*, trainer, setup, backend, model_args, train_args, eval_met
         "pairs_per_s_steady": steady_pairs / steady_secs if steady_secs > 0 else None,
         "tokens_per_s_steady": steady_tokens / steady_secs if steady_secs > 0 else None,
         "throughput_warmup_steps": recorder.warmup_steps,
+        # Seconds per optimizer step: over the whole run (this process's steps), and in steady state.
+        "step_time_s": recorder.train_seconds / steps_run if steps_run else None,
+        "step_time_s_steady": steady_secs / recorder.steady_steps if recorder.steady_steps and steady_secs > 0 else None,
+        "global_batch_pairs": (trainer.args.per_device_train_batch_size * trainer.args.gradient_accumulation_steps
+                               * trainer.args.world_size),
         "batch_shapes": len(trainer.shapes_seen) if trainer.shapes_seen is not None else None,
         "length_buckets": list(trainer.dpodist_buckets or []),
         "chunked_logps": trainer.dpodist_engine is not None and trainer.dpodist_engine.chunked,

@@ -22,6 +22,7 @@ forward and loss.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,9 +39,11 @@ from dpo_dist.data.bucketing import (
 from dpo_dist.train import gaudi_trainer
 from dpo_dist.train.deepspeed import check_bf16, weights_bf16, zero_stage_of
 from dpo_dist.train.engine import EngineCollator, EngineConfig, forward_logps, loss_and_metrics
+from dpo_dist.train.recorder import _dist_reduce
 from dpo_dist.train.refcache import attach_reference_cache
 from dpo_dist.train.reference import resolve_reference
 from dpo_dist.util.errors import ArgumentError
+from dpo_dist.util.tracking import report_to_value
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +181,41 @@ class EngineTrainerMixin:
         opt.param_groups[:] = [g for g in opt.param_groups if len(g["params"]) > 0]
         return optimizer
 
+    _dpodist_log_mark: tuple | None = None  # (time, pairs, real tokens, fed, unpadded) at the last training log
+
+    def dpodist_interval_figures(self) -> dict:
+        """Throughput and padding since the previous training log, summed over ranks: pairs/s, real tokens/s, the
+        padding fraction of the policy forwards and seconds per optimizer step. Every rank calls it at the same
+        log (the loss is all-reduced there too), so the one all-reduce here is matched."""
+        now = (time.perf_counter(), self.pairs_seen, self.real_tokens_seen, self.fed_tokens_seen,
+               self.unpadded_tokens_seen)
+        mark, self._dpodist_log_mark = self._dpodist_log_mark, now
+        step = self.state.global_step
+        last_step, self._dpodist_log_step = getattr(self, "_dpodist_log_step", 0), step
+        if mark is None:
+            return {}
+        pairs, tokens, fed, unpadded = _dist_reduce([float(a - b) for a, b in zip(now[1:], mark[1:])], "sum",
+                                                    self.accelerator.device)
+        secs = max(now[0] - mark[0], 1e-9)
+        out = {"pairs_per_s": pairs / secs, "tokens_per_s": tokens / secs}
+        if fed:
+            out["padding_fraction"] = 1.0 - unpadded / fed
+        if step > last_step:
+            out["step_time_s"] = secs / (step - last_step)
+        return out
+
+    def log(self, logs, *args, **kwargs):
+        """dpo-dist's figures join each training log (and so the trackers, the console and the log history): pairs/s,
+        tokens/s (real tokens), padding fraction and step time over the interval since the previous log."""
+        if "loss" in logs:  # a training log: every rank is here
+            logs.update({k: round(v, 6) for k, v in self.dpodist_interval_figures().items()})
+        return super().log(logs, *args, **kwargs)
+
     def compute_loss(self, model, inputs, *args, **kwargs):
+        if model.training and self._dpodist_log_mark is None:  # the first interval starts with the first step
+            self._dpodist_log_mark = (time.perf_counter(), self.pairs_seen, self.real_tokens_seen,
+                                      self.fed_tokens_seen, self.unpadded_tokens_seen)
+            self._dpodist_log_step = self.state.global_step
         if model.training:
 
             self.real_tokens_seen += count_real_tokens(inputs)
@@ -246,7 +283,7 @@ def dpo_config_kwargs(model_args, data_args, train_args, *, reference: str) -> d
         gradient_checkpointing=t.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if t.gradient_checkpointing else None,
         deepspeed=t.deepspeed,
-        report_to=t.report_to,
+        report_to=report_to_value(t.report_to),  # several trackers: a list (transformers reads a string as one)
         remove_unused_columns=False,
         dataloader_num_workers=t.dataloader_num_workers,
         ddp_timeout=t.dist_timeout,

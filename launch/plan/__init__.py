@@ -17,12 +17,12 @@ from launch.plan.hardware import CALIBRATION_POINT, HARDWARE, PUBLISHED_DPO_BASE
 from launch.plan.memory import estimate_memory, model_state_bytes, packed_layer_elements, packed_tokens
 from launch.plan.search import make_plan
 from launch.plan.specs import ModelSpec, SpecError, load_spec
-from launch.plan.speed import dpo_step_flops, mfu, step_time
+from launch.plan.speed import dpo_step_flops, mfu, step_time, tokens_per_pair, with_throughput
 from launch.plan.types import GIB, OFFLOADS, STAGES, Memory, Plan, PlanOptions, Suggestion, plan_to_dict
 
 __all__ = [
     "CALIBRATION_POINT", "GIB", "HARDWARE", "OFFLOADS", "PUBLISHED_DPO_BASELINES", "REFERENCES", "STAGES",
     "Hardware", "Memory", "ModelSpec", "Plan", "PlanOptions", "SpecError", "Suggestion",
     "dpo_step_flops", "estimate_memory", "load_spec", "make_plan", "mfu", "model_state_bytes",
-    "packed_layer_elements", "packed_tokens", "plan_to_dict", "step_time",
+    "packed_layer_elements", "packed_tokens", "plan_to_dict", "step_time", "tokens_per_pair", "with_throughput",
 ]

@@ -37,6 +37,28 @@ def engine_text(plan: Plan) -> str:
     return ", ".join(parts)
 
 
+def format_count(n: float) -> str:
+    """A count in readable units: 205k, 26.4M, 70.55B (and 950 below a thousand)."""
+    n = float(n)
+    if abs(n) >= 1e9:
+        return f"{n / 1e9:.2f}B"
+    if abs(n) >= 1e6:
+        return f"{n / 1e6:.1f}M"
+    if abs(n) >= 1e3:
+        return f"{n / 1e3:.0f}k"
+    return f"{n:.0f}"
+
+
+def throughput_text(plan: Plan) -> str:
+    """The estimated tokens/s and pairs/s, and which tokens they count: real (the data's, measured) or padded."""
+    head = f"{plan.est_tokens_per_s:,.0f} tokens/s, {plan.est_pairs_per_s:,.2f} pairs/s"
+    if plan.est_tokens_basis == "real":
+        return f"{head} (real tokens: {plan.est_tokens_per_pair:,.0f} per pair, the data's: measured, or --pair_tokens)"
+    per_pair = plan.est_tokens_per_pair or 2 * plan.max_length
+    return (f"{head} (padded tokens: {per_pair:,.0f} per pair, 2 x max_length; the data's were not measured: name "
+            "local data after `--`, or pass --pair_tokens)")
+
+
 def launch_text(plan: Plan) -> str:
     return f"DeepSpeed ZeRO-{plan.zero_stage}" if plan.uses_deepspeed else "DDP (no DeepSpeed)"
 
@@ -51,7 +73,7 @@ def render_plan_table(plan: Plan, width: int = 100) -> str:
     settings.add_column("setting", style="bold")
     settings.add_column("value")
     rows = [
-        ("model", plan.model),
+        ("model", f"{plan.model} ({format_count(plan.model_params)} parameters)" if plan.model_params else plan.model),
         ("hardware", plan.hardware),
         ("cards", f"{plan.world_size} ({plan.nodes} node(s) x {plan.cards_per_node})"),
         ("ZeRO stage", str(plan.zero_stage)),
@@ -67,7 +89,7 @@ def render_plan_table(plan: Plan, width: int = 100) -> str:
         ("engine", engine_text(plan)),
         ("launch", launch_text(plan)),
         ("est. step time", f"{plan.est_step_time_s:.2f} s"),
-        ("est. throughput", f"{plan.est_tokens_per_s:,.0f} tokens/s"),
+        ("est. throughput", throughput_text(plan)),
     ]
     for k, v in rows:
         settings.add_row(k, v)

@@ -18,8 +18,9 @@ from dataclasses import asdict, dataclass, replace
 from dpo_dist.train.reference import candidate_references, reference_problem
 from launch.plan.hardware import Hardware
 from launch.plan.memory import card_memory, host_gib
+from launch.plan.report import format_count
 from launch.plan.specs import ModelSpec
-from launch.plan.speed import step_time
+from launch.plan.speed import step_time, with_throughput
 from launch.plan.types import OFFLOADS, STAGES, Memory, Plan, PlanOptions, Suggestion
 
 # Equal estimated speed: the reference that holds less memory wins (the cache also makes restarts and
@@ -142,8 +143,8 @@ def _suggest(spec: ModelSpec, hw: Hardware, opts: PlanOptions, best: _Candidate)
 def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits: bool) -> tuple[str, ...]:
     N = opts.cards
     per_node = N // _nodes(hw, opts)
-    notes = [f"model: {spec.num_params / 1e9:.2f}B parameters ({spec.source} spec, {spec.family} family)"
-             + (f", of which {spec.extra_params / 1e6:.0f}M outside the text decoder" if spec.extra_params else "")]
+    notes = [f"model: {format_count(spec.num_params)} parameters ({spec.source} spec, {spec.family} family)"
+             + (f", of which {format_count(spec.extra_params)} outside the text decoder" if spec.extra_params else "")]
     if spec.is_moe:
         notes.append(f"mixture of experts: {spec.num_experts} experts in {spec.moe_layers} of "
                      f"{spec.num_hidden_layers} layers, {spec.num_experts_per_tok} routed per token; memory counts "
@@ -158,7 +159,7 @@ def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits
                      "less than the estimated throughput")
     if opts.use_peft:  # the modules the ranks adapt: their default for the family unless given
         notes.append(f"LoRA r={opts.lora_r} on {', '.join(opts.lora_targets(spec))}: "
-                     f"{opts.trainable_params(spec) / 1e6:.1f}M trainable parameters")
+                     f"{format_count(opts.trainable_params(spec))} trainable parameters")
     if c.stage == 3:
         notes.append(f"ZeRO-3 shards parameters, gradients and optimizer state over {N} card(s)")
     elif c.stage > 0:
@@ -198,14 +199,16 @@ def _notes(spec: ModelSpec, hw: Hardware, opts: PlanOptions, c: _Candidate, fits
 
 def make_plan(spec: ModelSpec, hardware: Hardware, options: PlanOptions) -> Plan:
     """Search stage x offload x checkpointing x micro-batch x reference; return the fastest
-    plan under the safety margin, or the leanest one with ``fits=False`` and a suggestion."""
+    plan under the safety margin, or the leanest one with ``fits=False`` and a suggestion. Its throughput counts the
+    tokens the ranks measure: real tokens where the data's are known (``speed.with_throughput``; the search ranks by
+    step time per pair, which that does not change)."""
     if options.bf16 is not None and options.bf16 != hardware.bf16 and not hardware.backend.bf16_autocast:
         raise ValueError(f"{hardware.name} ranks train in {'bf16' if hardware.bf16 else 'fp32'} weights: bf16="
                          f"{options.bf16} is not available there (only CPU ranks run bf16 as autocast). Fix: leave "
                          "--bf16 out.")
     fits, c = _best(spec, hardware, options)
     nodes = _nodes(hardware, options)
-    return Plan(
+    plan = Plan(
         fits=fits,
         zero_stage=c.stage,
         offload=c.offload,
@@ -234,4 +237,6 @@ def make_plan(spec: ModelSpec, hardware: Hardware, options: PlanOptions) -> Plan
         static_shapes=hardware.backend.static_shapes,
         uses_deepspeed=c.stage > 0 or not hardware.backend.ddp_without_deepspeed,
         bf16=hardware.bf16 if options.bf16 is None else options.bf16,
+        model_params=int(spec.num_params),
     )
+    return with_throughput(plan, options)

@@ -2,8 +2,10 @@
 
 Used to rank plans that fit (``est_step_time_s`` / ``est_tokens_per_s``). Pure: no torch, no I/O.
 
-compute = hardware FLOPs / (peak · mfu · t/(t + 512)), t = tokens per card per micro-step
-(bigger micro-batches help, with diminishing returns); gradient checkpointing adds one more
+compute = hardware FLOPs / (peak · mfu · t/(t + 512)), t = tokens per card per micro-step: 2 x max_length per
+pair, or with packing and the data's measured tokens per pair (``PlanOptions.pair_tokens``) that mean, as a
+packed row carries real tokens only (``micro_step_tokens``; bigger micro-batches help, with diminishing
+returns); gradient checkpointing adds one more
 policy forward; ZeRO-3 pays 10% for its hooks and exposes half of its all-gathers /
 reduce-scatters over the intra-node (one node) or inter-node link; offload pays the host
 link and CPU Adam, then 10% (optimizer) or 50% (optimizer+params) for host synchronisation;
@@ -75,7 +77,7 @@ def step_time(spec: ModelSpec, hw: Hardware, opts: PlanOptions, nodes: int, stag
               mb: int, gc: bool, reference: str, ga: int) -> float:
     """Seconds per optimizer step (``ga`` micro-steps of ``mb`` pairs per card), as the module docstring says."""
     N, p, s = opts.cards, precision_bytes(hw.bf16), opts.max_length
-    t = 2 * mb * s
+    t = micro_step_tokens(opts, mb)
     # Attention span: a row, or with a block mask the whole packed row (its T x T scores are all computed).
     span = packed_tokens(opts, mb) if hw.backend.packing_attention == "block_mask" and opts.packing_asked else s
     in_loop_ref = "replicated" if reference == "precomputed" else reference  # moved, not removed
@@ -106,3 +108,32 @@ def step_time(spec: ModelSpec, hw: Hardware, opts: PlanOptions, nodes: int, stag
     if offload == "optimizer+params":
         micro += COMM_EXPOSED * gathers * p * psi / N / host
     return (ga * micro + step) * OFFLOAD_PENALTY[offload]
+
+
+def tokens_per_pair(opts: PlanOptions) -> tuple[float, str]:
+    """(tokens a pair counts for throughput, which): ("real") the data's measured mean tokens per pair (chosen +
+    rejected rows, each with its prompt: what the ranks' tokens/s counts), or ("padded") 2 x max_length when the data
+    was not measured."""
+    if opts.pair_tokens is not None:
+        return float(opts.pair_tokens[0]), "real"
+    return float(2 * opts.max_length), "padded"
+
+
+def micro_step_tokens(opts: PlanOptions, mb: int) -> float:
+    """Tokens a card runs per micro-step: a packed micro-batch carries the data's real tokens (its padding to the
+    bucket totals is a few percent); rows padded to max_length otherwise, or when the data was not measured."""
+    worst = 2 * mb * opts.max_length
+    if opts.packed and opts.pair_tokens is not None:
+        return min(worst, mb * float(opts.pair_tokens[0]))
+    return worst
+
+
+def with_throughput(plan, opts: PlanOptions):
+    """``plan`` with its throughput in the tokens the ranks measure: pairs/s (global batch / step time) times the
+    tokens per pair (``tokens_per_pair``: real where the data's are known, else padded, and the plan says which)."""
+    import dataclasses
+
+    per_pair, basis = tokens_per_pair(opts)
+    pairs = plan.global_batch_size / plan.est_step_time_s if plan.est_step_time_s else 0.0
+    return dataclasses.replace(plan, est_pairs_per_s=round(pairs, 3), est_tokens_per_s=round(pairs * per_pair, 1),
+                               est_tokens_per_pair=round(per_pair, 1), est_tokens_basis=basis)

@@ -183,6 +183,12 @@ class Plan:
     # False: a ZeRO-0 plan on hardware that runs it as plain DDP (Gaudi: gaudi_spawn --use_mpi, no DeepSpeed).
     uses_deepspeed: bool = True
     bf16: bool = False  # bf16 matmuls (bf16 weights, or on CPU DeepSpeed's torch_autocast over fp32 weights)
+    # What est_tokens_per_s counts (launch/plan/speed.py, with_throughput): "real", the data's measured tokens per
+    # pair (PlanOptions.pair_tokens), or "padded", 2 x max_length per pair when the data's are not known.
+    est_pairs_per_s: float = 0.0
+    est_tokens_per_pair: float = 0.0
+    est_tokens_basis: str = "padded"
+    model_params: int = 0  # the model's parameters (launch.plan.make_plan), printed in readable units
 
     @property
     def global_batch_size(self) -> int:

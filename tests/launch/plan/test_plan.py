@@ -450,6 +450,7 @@ def test_plan_json_keys(golden):
         "reference", "world_size", "nodes", "cards_per_node", "card_memory_gib", "hardware", "model", "use_peft",
         "max_length", "max_prompt_length", "memory_gib", "est_step_time_s", "est_tokens_per_s", "notes", "suggestion",
         "length_buckets", "packing", "chunked_logps", "packing_attention", "static_shapes", "uses_deepspeed", "bf16",
+        "est_pairs_per_s", "est_tokens_per_pair", "est_tokens_basis", "model_params",
     }
     assert set(d["memory_gib"]) == {"params", "grads", "optimizer", "reference", "activations", "logits", "buffers",
                                     "overhead", "total"}
