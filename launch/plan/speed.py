@@ -5,8 +5,8 @@ Used to rank plans that fit (``est_step_time_s`` / ``est_tokens_per_s``). Pure: 
 compute = hardware FLOPs / (peak · mfu · t/(t + 512)), t = tokens per card per micro-step: 2 x max_length per
 pair, or with packing and the data's measured tokens per pair (``PlanOptions.pair_tokens``) that mean, as a
 packed row carries real tokens only (``micro_step_tokens``; bigger micro-batches help, with diminishing
-returns); gradient checkpointing adds one more
-policy forward; ZeRO-3 pays 10% for its hooks and exposes half of its all-gathers /
+returns); each micro-step adds the hardware's fixed ``micro_step_overhead_s``; gradient checkpointing adds one
+more policy forward; ZeRO-3 pays 10% for its hooks and exposes half of its all-gathers /
 reduce-scatters over the intra-node (one node) or inter-node link; offload pays the host
 link and CPU Adam, then 10% (optimizer) or 50% (optimizer+params) for host synchronisation;
 a precomputed reference moves its forward before training (the same FLOPs in one epoch, without
@@ -100,7 +100,7 @@ def step_time(spec: ModelSpec, hw: Hardware, opts: PlanOptions, nodes: int, stag
         micro_bytes, step_bytes = p * trainable * frac, p * trainable * frac
     else:
         step_bytes = 2 * p * trainable * frac
-    micro = compute + COMM_EXPOSED * micro_bytes / bw
+    micro = compute + COMM_EXPOSED * micro_bytes / bw + hw.micro_step_overhead_s
     step = COMM_EXPOSED * step_bytes / bw
     host = hw.host_link_gbs * 1e9
     if offload != "none":

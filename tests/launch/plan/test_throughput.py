@@ -85,3 +85,33 @@ def test_record_plan_in_metrics(tmp_path):
     block = record_plan_in_metrics(tmp_path, PLAN, "p.json")
     saved = json.loads((tmp_path / "training_metrics.json").read_text())
     assert saved[KEY] == block and saved["steps"] == 10
+
+
+# Measured CPU step times (2 ranks of one thread, ZeRO-3, full fine-tuning, packed, precomputed reference, fp32):
+# `make demo`'s DPO step (training_metrics.json step_time_s_steady) and the bench's B-fp32 run
+# (bench/results/latest.json: 29.47 s for 96 pairs, reference pass included, at 64 pairs per step).
+CPU_STEP_POINTS = [
+    dict(what="make demo DPO step", model="tiny", mb=32, ga=1, pair_tokens=(132.0, 400.0), seconds=0.672),
+    dict(what="bench B-fp32", model="bench", mb=16, ga=2, pair_tokens=(268.0, 707.0), seconds=29.47 / 1.5),
+]
+
+
+@pytest.mark.parametrize("point", CPU_STEP_POINTS, ids=lambda p: p["what"])
+def test_cpu_step_time_is_calibrated_on_measured_steps(point, tiny_assets, tmp_path, monkeypatch):
+    """The CPU speed constants (launch/plan/hardware.py: mfu, micro_step_overhead_s) reproduce the two step times they
+    were fitted on, within 5%: a small model's step is its fixed overhead, a larger one's its FLOPs."""
+    from transformers import AutoTokenizer
+
+    from dpo_dist.tiny.models import tiny_config
+    from launch.plan.speed import step_time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    tok = AutoTokenizer.from_pretrained(tiny_assets.tokenizer_dir)
+    tiny_config("llama", tok, point["model"]).save_pretrained(tmp_path)  # the model's config is all a plan reads
+    spec = load_spec(str(tmp_path))
+    assert spec.num_params == {"tiny": 205_120, "bench": 26_354_176}[point["model"]]
+    opts = PlanOptions(cards=2, max_length=512, max_prompt_length=256, use_peft=False, zero_stage=3,
+                       pair_tokens=point["pair_tokens"], card_memory_gib=16.0)
+    t = step_time(spec, HARDWARE["cpu"], opts, 1, 3, "none", point["mb"], False, "precomputed", point["ga"])
+    assert abs(t / point["seconds"] - 1) <= 0.05, (point["what"], t, point["seconds"])
+    assert HARDWARE["cpu"].mfu == 0.14 and HARDWARE["cpu"].micro_step_overhead_s == 0.59
