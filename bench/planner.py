@@ -39,9 +39,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -172,9 +170,9 @@ def ensure_planner_models(names=tuple(MODELS)) -> tuple[dict[str, Path], Path]:
 def run_point(model_dir: Path, data_dir: Path, full: bool, stage, pairs: int, work: Path, *, steps: int,
               card_memory_gib: float, timeout: int) -> dict:
     """One `launch train` run; returns its plan and measured peak."""
-    from dpo_dist.backend import cleanup_shm_buffers
+    from bench.run import run
     from dpo_dist.util.layout import METRICS_FILE
-    from tests.support.testing_utils import cpu_env, free_port
+    from tests.support.testing_utils import free_port
 
     run_dir = work / "run"
     port = free_port()
@@ -186,22 +184,8 @@ def run_point(model_dir: Path, data_dir: Path, full: bool, stage, pairs: int, wo
             "--no_merge", "--max_steps", str(steps), "--gradient_accumulation_steps", "1",
             "--ref_cache_dir", str(work / "refcache"), "--learning_rate", "1e-6", "--logging_steps", "1",
             "--save_steps", "100000", "--overwrite_output_dir"]
-    log = work / "run.log"
     t0 = time.perf_counter()
-    try:
-        with open(log, "w") as fh:
-            proc = subprocess.Popen(argv, cwd=ROOT, env=cpu_env(), stdout=fh, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-            try:
-                rc = proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-                raise RuntimeError(f"timed out after {timeout}s: see {log}") from None
-    finally:
-        cleanup_shm_buffers(port)
-    if rc != 0:
-        raise RuntimeError(f"exit {rc}: {' '.join(argv)}\n{log.read_text()[-3000:]}")
+    run(argv, timeout, work / "run.log")  # bench.run's: the shared-memory buffers of the port are removed after
     metrics = json.loads((run_dir / "output" / METRICS_FILE).read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
     return dict(plan=plan, measured_gib=metrics["peak_memory_gib_per_rank_max"],

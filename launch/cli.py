@@ -51,6 +51,7 @@ from launch.command.common import DEVICE_LAUNCH, check_cards
 from launch.command.hostfile import HostfileError, is_loopback, parse_hostfile
 from launch.doctor import run_doctor
 from launch.dsconfig import build_ds_config, write_ds_config
+from launch.flags import rank_flag
 from launch.masterport import master_port_problem_for
 from launch.plan import HARDWARE, PlanOptions, SpecError, load_spec, make_plan, plan_to_dict
 from launch.plan.datastats import DataShape, measure_pair_tokens, parse_pair_tokens
@@ -173,16 +174,6 @@ def check_cards_available(a: PlanArguments, hosts, environ=None, cpu_count=None,
         f"--cards {a.cards} asks for more {unit} per node than this node has: {source}. Fix: pass --cards {have} "
         "or fewer per node, and add nodes with --hostfile for more."
     )
-
-
-def rank_flag(extra: list[str], flag: str) -> str | None:
-    """The value of `flag` among the rank arguments after `--` (`--flag V` or `--flag=V`; the last one wins)."""
-    value = None
-    for i, word in enumerate(extra):
-        name, eq, rest = word.partition("=")
-        if name == flag:
-            value = rest if eq else (extra[i + 1] if i + 1 < len(extra) else "")
-    return value
 
 
 def lora_options(extra: list[str]) -> dict:

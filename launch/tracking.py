@@ -6,23 +6,15 @@ from __future__ import annotations
 
 from dpo_dist.util.errors import ArgumentError
 from dpo_dist.util.tracking import check_report_to
-
-
-def _flag(extra: list[str], flag: str) -> str | None:
-    value = None
-    for i, word in enumerate(extra):
-        name, eq, rest = word.partition("=")
-        if name == flag:
-            value = rest if eq else (extra[i + 1] if i + 1 < len(extra) else "")
-    return value
+from launch.flags import rank_flag
 
 
 def rank_report_to(extra: list[str]) -> str | None:
     """The ranks' --report_to: given after `--`, else the recipe's `report_to`, else None (the ranks' default)."""
-    value = _flag(extra, "--report_to")
+    value = rank_flag(extra, "--report_to")
     if value is not None:
         return value
-    recipe = _flag(extra, "--config")
+    recipe = rank_flag(extra, "--config")
     if not recipe:
         return None
     import yaml

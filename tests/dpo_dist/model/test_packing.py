@@ -45,6 +45,13 @@ def _load(tmp_path, tiny_assets, family, attn):
     return tok, base, packed
 
 
+def _assert_grads_match(model, g_ref):
+    for n, p in model.named_parameters():
+        # fp32 sums in another order: the tied Gemma embedding's gradient (lm_head + lookup) is the largest
+        scale = max(1.0, float(g_ref[n].abs().max()))
+        torch.testing.assert_close(p.grad, g_ref[n], atol=2e-5 * scale, rtol=1e-4, msg=n)
+
+
 @pytest.mark.parametrize("family,attn", [("llama", "sdpa"), ("gemma3", "eager"), ("gemma3", "sdpa")])
 def test_packed_equals_unpacked(tmp_path, tiny_assets, family, attn):
     tok, base, model = _load(tmp_path, tiny_assets, family, attn)
@@ -60,10 +67,7 @@ def test_packed_equals_unpacked(tmp_path, tiny_assets, family, attn):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(ntok, torch.cat([chosen[2][:, 1:].sum(-1), rejected[2][:, 1:].sum(-1)]))
     got.sum().backward()
-    for n, p in model.named_parameters():
-        # fp32 sums in another order: the tied Gemma embedding's gradient (lm_head + lookup) is the largest
-        scale = max(1.0, float(g_ref[n].abs().max()))
-        torch.testing.assert_close(p.grad, g_ref[n], atol=2e-5 * scale, rtol=1e-4, msg=n)
+    _assert_grads_match(model, g_ref)
 
     # The varlen model without packing kwargs is the base model (generation, evaluation).
     ids, att, _ = chosen
@@ -205,9 +209,7 @@ def test_shared_prompt_equals_unpacked(tmp_path, tiny_assets, family, attn):
     torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)
     assert torch.equal(ntok, torch.cat([chosen[2][:, 1:].sum(-1), rejected[2][:, 1:].sum(-1)]))
     got.sum().backward()
-    for n, p in model.named_parameters():
-        scale = max(1.0, float(g_ref[n].abs().max()))
-        torch.testing.assert_close(p.grad, g_ref[n], atol=2e-5 * scale, rtol=1e-4, msg=n)
+    _assert_grads_match(model, g_ref)
 
 
 def test_shared_prompt_block_mask_is_the_rows_causal_masks():
