@@ -121,7 +121,7 @@ def test_comparison_to_tensorboard_read_back(tmp_path):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("mlflow") is None,
-                    reason="mlflow is not installed (not pinned: `pip install mlflow-skinny` runs this test)")
+                    reason="mlflow is not installed (requirements.txt pins mlflow-skinny: `make setup` installs it)")
 def test_comparison_to_mlflow_file_store(tmp_path, monkeypatch):
     import mlflow
 
