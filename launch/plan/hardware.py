@@ -44,8 +44,9 @@ DPO baselines (``PUBLISHED_DPO_BASELINES``: llama-7b LoRA r8, max_length 1024, b
 15.1 samples/s); the CUDA value is an uncalibrated guess. CPU (fp32 matmuls, 2 ranks of one thread, ZeRO-3, packed,
 precomputed reference) is CALIBRATED on two measured step times, one per unknown, so fitted exactly and not checked on
 a third point: ``make demo``'s DPO step (205k-parameter Llama, micro-batch 32 x 1, 132 real tokens per pair:
-0.672 s) and the bench's B-fp32 (26.4M Llama, micro-batch 16 x 2, 268 tokens per pair: 19.6 s per step, reference
-pass included) give ``mfu`` = 0.14 of the nominal 1 TFLOP/s and ``micro_step_overhead_s`` = 0.59 s
+0.217 s steady, on a quiet machine) and the bench's B-fp32 (26.4M Llama, micro-batch 16 x 2, 268 tokens per pair:
+19.6 s per step, reference pass included) give ``mfu`` = 0.13 of the nominal 1 TFLOP/s and ``micro_step_overhead_s``
+= 0.13 s
 (tests/launch/plan/test_throughput.py pins both). CPU --bf16 (autocast) runs faster than this fp32 figure.
 """
 
@@ -124,7 +125,7 @@ HARDWARE: dict[str, Hardware] = {
     # no offload; a host runs as many ranks as asked, so the per-node limit is loose. Overhead and
     # runtime reserve CALIBRATED by `make bench-planner` (see the module docstring).
     "cpu": Hardware(
-        "cpu", 16.0, 1.0, 64, overhead=0.0, bf16=False, mfu=0.14, micro_step_overhead_s=0.59, runtime_gib=0.76,
+        "cpu", 16.0, 1.0, 64, overhead=0.0, bf16=False, mfu=0.13, micro_step_overhead_s=0.13, runtime_gib=0.76,
         runtime_bytes_per_param=0.0,
         runtime_bytes_per_trainable=0.0, runtime_bytes_per_trainable_zero3=23.2,
         intra_node_gbs=10.0, inter_node_gbs=1.0, host_link_gbs=10.0, offload_supported=False, device="cpu",
