@@ -102,19 +102,19 @@ def packed_pair_length(prompt_len: int, chosen_len: int, rejected_len: int, max_
     return row_lengths(prompt_len, chosen_len, max_length) + row_lengths(prompt_len, rejected_len, max_length)
 
 
+def _part_lengths(dataset) -> tuple[list[int], list[int], list[int]]:
+    """(prompt, chosen, rejected) token counts of every pair of a TRL-tokenised dataset."""
+    return tuple([len(x) for x in dataset[f"{k}_input_ids"]] for k in ("prompt", "chosen", "rejected"))
+
+
 def pair_packed_lengths(dataset, max_length: int | None, share_prompt: bool) -> list[int]:
     """``packed_pair_length`` of every pair of a TRL-tokenised dataset."""
-    p = [len(x) for x in dataset["prompt_input_ids"]]
-    c = [len(x) for x in dataset["chosen_input_ids"]]
-    r = [len(x) for x in dataset["rejected_input_ids"]]
-    return [packed_pair_length(a, b, d, max_length, share_prompt) for a, b, d in zip(p, c, r)]
+    return [packed_pair_length(a, b, d, max_length, share_prompt) for a, b, d in zip(*_part_lengths(dataset))]
 
 
 def pair_row_lengths(dataset, max_length: int | None) -> tuple[list[int], list[int]]:
     """(chosen row lengths, rejected row lengths) of a TRL-tokenised dataset."""
-    p = [len(x) for x in dataset["prompt_input_ids"]]
-    c = [len(x) for x in dataset["chosen_input_ids"]]
-    r = [len(x) for x in dataset["rejected_input_ids"]]
+    p, c, r = _part_lengths(dataset)
     return ([row_lengths(a, b, max_length) for a, b in zip(p, c)],
             [row_lengths(a, b, max_length) for a, b in zip(p, r)])
 
@@ -252,9 +252,14 @@ def unpadded_tokens(batch: dict, max_length: int | None) -> int:
     prompt counted once), else every row's tokens (each row cut at max_length)."""
     if "packed_cu_seqlens" in batch:
         return int(batch["packed_cu_seqlens"][-1])
+    return int(sum(int(x.sum()) for x in _batch_row_lengths(batch, max_length)))
+
+
+def _batch_row_lengths(batch: dict, max_length: int | None) -> list:
+    """[b] real tokens of the chosen rows and of the rejected rows of a collated batch (``row_lengths``)."""
     p = batch["prompt_attention_mask"].sum(-1)
-    rows = [p + batch[k].sum(-1) for k in ("chosen_attention_mask", "rejected_attention_mask")]
-    return int(sum(int(x.clamp(max=max_length or 2**31).sum()) for x in rows))
+    return [(p + batch[k].sum(-1)).clamp(max=max_length or 2**31)
+            for k in ("chosen_attention_mask", "rejected_attention_mask")]
 
 
 def fed_tokens(batch: dict, max_length: int | None) -> int:
@@ -269,9 +274,4 @@ def fed_tokens(batch: dict, max_length: int | None) -> int:
         return int(batch["packed_pad_to"])
     if "chosen_pad_to" in batch:
         return b * (int(batch["chosen_pad_to"]) + int(batch["rejected_pad_to"]))
-    p = batch["prompt_attention_mask"].sum(-1)
-    rows = [p + batch[k].sum(-1) for k in ("chosen_attention_mask", "rejected_attention_mask")]
-    longest = int(max(int(x.max()) for x in rows))
-    if max_length:
-        longest = min(longest, max_length)
-    return 2 * b * longest
+    return 2 * b * max(int(x.max()) for x in _batch_row_lengths(batch, max_length))

@@ -8,9 +8,9 @@ Hand-written, because no library has it for this case: TRL's ``padding_free`` fl
 the same way but needs flash-attention 2 (CUDA only) and pads nothing, so every batch is a new
 shape (a recompile on static-shape devices). Here:
 
-- ``pack_rows``: each row's real tokens back to back, position ids restarting at 0 per row (RoPE
-  sees the same positions as unpacked), right-padded to a bucket total (static shapes). The first
-  token of every row counts no loss, so no position predicts across a row boundary.
+- ``pack_pairs``: each row's real tokens back to back, pair by pair, position ids restarting at 0 per
+  row (RoPE sees the same positions as unpacked), right-padded to a bucket total (static shapes). The
+  first token of every row counts no loss, so no position predicts across a row boundary.
 - ``varlen`` attention: a function registered with transformers' ``AttentionInterface`` runs
   transformers' own SDPA attention on each row's slice with ``is_causal`` (torch's flash kernel
   on CPU and CUDA: no T x T score matrix is kept, and no attention is computed across rows or on
@@ -25,7 +25,7 @@ shape (a recompile on static-shape devices). Here:
   row is empty. The scores are computed for the whole T x T square: attention costs more than
   ``varlen``, the padding saved does not change.
 
-Shared prompt (``pack_pairs``): a pair whose two rows start with the same whole prompt P runs it once,
+Shared prompt (``pack_pairs`` with ``share``): a pair whose two rows start with the same whole prompt P runs it once,
 ``[P, C, R]``: C's positions continue P's, R's positions restart after P (RoPE sees the positions of the
 unpacked rows). C attends to P and itself (causal, as the chosen row); R attends to P and itself, never to C
 (``varlen``: a second attention call whose keys are P's then R's, lower-right causal; ``block_mask``: ``part``
@@ -232,49 +232,21 @@ def packable(model) -> bool:
     return base_of(getattr(backbone.config, "_attn_implementation", None)) is not None
 
 
-def pack_rows(rows: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], *, pad_to: int | None = None,
-              pad_value: int = 0) -> dict:
-    """Rows laid out as ``build_rows`` gives them (real tokens first, then right padding), in
-    order, packed into one row of ``max(total, pad_to)`` tokens.
-
-    Returns input_ids / attention_mask / loss_mask / position_ids / seq_ids, each [1, T], and
-    ``cu_seqlens`` (a list: the row boundaries) and ``n_seqs``.
-    """
-    flat_ids, flat_loss, pos, seq, lens, first = [], [], [], [], [], 0
-    for ids, att, loss in rows:  # groups of rows may differ in width (chosen vs rejected)
-        att = att.bool()
-        p = (att.long().cumsum(-1) - 1)[att]
-        flat_ids.append(ids[att])
-        flat_loss.append(loss[att] * (p > 0))  # a row's first token predicts nothing across rows
-        pos.append(p)
-        seq.append((first + torch.arange(ids.shape[0], device=ids.device))[:, None].expand_as(ids)[att])
-        lens.append(att.sum(-1))
-        first += ids.shape[0]
-    flat_ids, flat_loss, pos, seq, lens = (torch.cat(x) for x in (flat_ids, flat_loss, pos, seq, lens))
-    total = int(flat_ids.shape[0])
-    extra = max(0, (pad_to or 0) - total)
-    if extra:
-        pad = lambda t, v: torch.cat([t, t.new_full((extra,), v)])  # noqa: E731
-        flat_ids, flat_loss, seq = pad(flat_ids, pad_value), pad(flat_loss, 0), pad(seq, 0)
-        pos = torch.cat([pos, torch.arange(extra, device=pos.device)])
-    cu = [0] + torch.cumsum(lens, 0).tolist()
-    one = lambda t: t.unsqueeze(0)  # noqa: E731
-    return {"input_ids": one(flat_ids), "attention_mask": torch.ones_like(one(flat_ids)), "loss_mask": one(flat_loss),
-            "position_ids": one(pos), "seq_ids": one(seq), "cu_seqlens": [int(x) for x in cu],
-            "n_seqs": first}
-
-
-def pack_pairs(chosen: tuple, rejected: tuple, share: list[bool], *, pad_to: int | None = None,
+def pack_pairs(chosen: tuple, rejected: tuple, share: list[bool] | None = None, *, pad_to: int | None = None,
                pad_value: int = 0) -> dict:
-    """A micro-batch's b pairs in one row, pair by pair: ``[P, C, R]`` for a pair that shares its prompt
-    (``share[i]``; P = the tokens before the row's first loss position, the same in both rows), else its two
-    rows back to back, as ``pack_rows`` lays them. ``chosen`` / ``rejected``: (input_ids, attention_mask,
-    loss_mask) [b, w] as ``build_rows`` gives them. Sequence ids: chosen i → i, rejected i → b + i.
+    """A micro-batch's b pairs in one row of ``max(total, pad_to)`` tokens, pair by pair: ``[P, C, R]`` for a
+    pair that shares its prompt (``share[i]``; P = the tokens before the row's first loss position, the same in
+    both rows), else its two rows' real tokens back to back, position ids restarting at 0 per row.
+    ``chosen`` / ``rejected``: (input_ids, attention_mask, loss_mask) [b, w] as ``build_rows`` gives them (real
+    tokens first, then right padding). Sequence ids: chosen i → i, rejected i → b + i.
 
-    Returns ``pack_rows``' keys, plus ``part`` [1, T] (PART_*), ``prev_index`` [1, T] (the position whose
-    output predicts each token: t - 1, except a shared pair's first rejected token, predicted by P's last
-    position) and ``blocks`` (``BLOCKS_KEY``)."""
+    Returns input_ids / attention_mask / loss_mask / position_ids / seq_ids, each [1, T], ``cu_seqlens`` (a
+    list: the sequence boundaries) and ``n_seqs``. When a pair shares its prompt, also ``part`` [1, T]
+    (PART_*), ``prev_index`` [1, T] (the position whose output predicts each token: t - 1, except a shared
+    pair's first rejected token, predicted by P's last position) and ``blocks`` (``BLOCKS_KEY``); plain rows
+    need none of them (``cu_seqlens`` gives their blocks, and t - 1 predicts t)."""
     b = chosen[0].shape[0]
+    share = share or [False] * b
     ids, loss, pos, seq, part, prev, cu, blocks, at = [], [], [], [], [], [], [0], [], 0
 
     def real(rows, i):
@@ -318,6 +290,8 @@ def pack_pairs(chosen: tuple, rejected: tuple, share: list[bool], *, pad_to: int
         flat = [torch.cat([x, f.to(x.dtype)]) for x, f in zip(flat, fills)]
     one = lambda t: t.unsqueeze(0)  # noqa: E731
     f_ids, f_loss, f_pos, f_seq, f_part, f_prev = flat
-    return {"input_ids": one(f_ids), "attention_mask": torch.ones_like(one(f_ids)), "loss_mask": one(f_loss),
-            "position_ids": one(f_pos), "seq_ids": one(f_seq), "part": one(f_part), "prev_index": one(f_prev),
-            "cu_seqlens": cu, "blocks": blocks, "n_seqs": 2 * b}
+    packed = {"input_ids": one(f_ids), "attention_mask": torch.ones_like(one(f_ids)), "loss_mask": one(f_loss),
+              "position_ids": one(f_pos), "seq_ids": one(f_seq), "cu_seqlens": cu, "n_seqs": 2 * b}
+    if any(share):
+        packed.update(part=one(f_part), prev_index=one(f_prev), blocks=blocks)
+    return packed

@@ -216,21 +216,21 @@ def _key_rows(batch: dict, key: str, cfg: EngineConfig, pad_to: int | None = Non
 
 
 def pack_batch(batch: dict, cfg: EngineConfig) -> dict:
-    """The 2b rows of a collated batch packed into one row (``packing.pack_rows``), padded to ``packed_pad_to``
+    """The 2b rows of a collated batch packed into one row (``packing.pack_pairs``), padded to ``packed_pad_to``
     when the batch has it. Tensors only (the row bounds as a tensor), so it travels with the batch."""
     import torch
 
-    from dpo_dist.model.packing import pack_pairs, pack_rows  # deferred: torch (ranks only)
+    from dpo_dist.model.packing import pack_pairs  # deferred: torch (ranks only)
 
     pad_to = int(batch["packed_pad_to"]) if "packed_pad_to" in batch else None
-    rows = [_key_rows(batch, "chosen", cfg), _key_rows(batch, "rejected", cfg)]
+    share = None
     if cfg.share_prompt:
         lens = [batch[f"{k}_attention_mask"].sum(-1).tolist() for k in ("prompt", "chosen", "rejected")]
         share = [shares_prompt(p, c, r, cfg.max_length) for p, c, r in zip(*lens)]
-        packed = pack_pairs(*rows, share, pad_to=pad_to, pad_value=cfg.pad_token_id)
+    packed = pack_pairs(_key_rows(batch, "chosen", cfg), _key_rows(batch, "rejected", cfg), share, pad_to=pad_to,
+                        pad_value=cfg.pad_token_id)
+    if "blocks" in packed:
         packed["blocks"] = torch.tensor(packed["blocks"], dtype=torch.long).reshape(-1, 4)
-    else:
-        packed = pack_rows(rows, pad_to=pad_to, pad_value=cfg.pad_token_id)
     packed["cu_seqlens"] = torch.tensor(packed["cu_seqlens"], dtype=torch.long)
     del packed["n_seqs"]  # 2b: the batch knows it
     return packed
@@ -249,7 +249,7 @@ def _packed_from_batch(batch: dict, cfg: EngineConfig) -> dict:
 
 def packed_logps(model, packed: dict, *, attention: str = "varlen", chunk_tokens: int | None = None,
                  **forward_kwargs):
-    """``sequence_logps`` over one packed row (``packing.pack_rows``): one value per packed sequence."""
+    """``sequence_logps`` over one packed row (``packing.pack_pairs``): one value per packed sequence."""
     from dpo_dist.model.logprobs import sequence_logps  # deferred: torch (ranks only)
     from dpo_dist.model.packing import packed_model_inputs  # deferred: torch (ranks only)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dpo_dist.model.logprobs import sequence_logps
-from dpo_dist.model.packing import pack_rows, register_varlen_attention, varlen_name
+from dpo_dist.model.packing import pack_pairs, register_varlen_attention, varlen_name
 from dpo_dist.train.engine import build_rows, packed_logps
 from launch.plan import HARDWARE, PlanOptions, estimate_memory, load_spec, make_plan, packed_tokens
 
@@ -60,7 +60,8 @@ def test_packed_equals_unpacked(tmp_path, tiny_assets, family, attn):
     ref.sum().backward()
     g_ref = {n: p.grad.clone() for n, p in base.named_parameters() if p.grad is not None}
 
-    packed = pack_rows([chosen, rejected], pad_to=80, pad_value=tok.pad_token_id)
+    packed = pack_pairs(chosen, rejected, pad_to=80, pad_value=tok.pad_token_id)
+    assert "part" not in packed and "prev_index" not in packed  # plain rows: no shared-prompt layout
     real = int(chosen[1].sum() + rejected[1].sum())
     assert packed["input_ids"].shape == (1, 80) and packed["cu_seqlens"][-1] == real and packed["n_seqs"] == 6
     got, _, ntok = packed_logps(model, packed, chunk_tokens=5)
@@ -82,7 +83,7 @@ def test_packed_row_never_predicts_across_rows():
     ids = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0]])
     att = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0]])
     loss = torch.tensor([[0, 1, 1, 0], [1, 1, 0, 0]])
-    p = pack_rows([(ids, att, loss)], pad_to=8)
+    p = pack_pairs((ids[:1], att[:1], loss[:1]), (ids[1:], att[1:], loss[1:]), pad_to=8)
     assert p["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0]]
     assert p["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
     assert p["loss_mask"].tolist() == [[0, 1, 1, 0, 1, 0, 0, 0]]
@@ -137,9 +138,10 @@ def test_collator_pads_packed_batch_to_its_bucket_total():
     cfg = EngineConfig(max_length=None, max_prompt_length=None, max_completion_length=None, pad_token_id=0, packing=True)
     ex = [{"prompt_input_ids": [5] * 3, "chosen_input_ids": [6] * 4, "rejected_input_ids": [7] * 2},
           {"prompt_input_ids": [5] * 2, "chosen_input_ids": [6] * 6, "rejected_input_ids": [7] * 1}]
-    batch = EngineCollator(cfg, [16, 32])(ex)  # rows 7 + 5 + 8 + 3 = 23 tokens -> bucket 32
+    batch = EngineCollator(cfg, [16, 32])(ex)  # rows 7 + 8 + 5 + 3 = 23 tokens -> bucket 32
     assert int(batch["packed_pad_to"]) == 32 and "chosen_pad_to" not in batch
-    assert batch["packed_input_ids"].shape == (1, 32) and batch["packed_cu_seqlens"].tolist() == [0, 7, 15, 20, 23]
+    # pair by pair: chosen 0 (7), rejected 0 (5), chosen 1 (8), rejected 1 (3)
+    assert batch["packed_input_ids"].shape == (1, 32) and batch["packed_cu_seqlens"].tolist() == [0, 7, 12, 20, 23]
     assert fed_tokens(batch, None) == 32
     small = EngineCollator(cfg, [8])(ex)
     assert int(small["packed_pad_to"]) == 23  # beyond every bucket: its own length, never truncated
@@ -189,7 +191,7 @@ def test_shared_prompt_equals_unpacked(tmp_path, tiny_assets, family, attn):
     """prompt + chosen + rejected in one packed row (the prompt run once) gives the rows' own log-probs and
     gradients; a pair whose row was cut to max_length keeps its two rows."""
     from dpo_dist.data.bucketing import shares_prompt
-    from dpo_dist.model.packing import PART_PROMPT, PART_SECOND, pack_pairs
+    from dpo_dist.model.packing import PART_PROMPT, PART_SECOND
 
     tok, base, model = _load(tmp_path, tiny_assets, family, attn)
     (chosen, rejected), plen = _pairs(len(tok), seed=1, max_length=12)
@@ -215,7 +217,7 @@ def test_shared_prompt_equals_unpacked(tmp_path, tiny_assets, family, attn):
 def test_shared_prompt_block_mask_is_the_rows_causal_masks():
     """block_mask (HPU) attention of a shared pair: the chosen part sees the prompt and itself, the rejected part the
     prompt and itself, never the chosen part; the window counts positions, not packed offsets."""
-    from dpo_dist.model.packing import _segments, block_attention_mask, pack_pairs
+    from dpo_dist.model.packing import _segments, block_attention_mask
 
     ids = torch.tensor([[5, 6, 7, 8, 0], [5, 6, 9, 0, 0]])  # prompt [5, 6]; chosen [7, 8]; rejected [9]
     att = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]])
