@@ -6,11 +6,11 @@ reader; SFT and the comparison log to the same tracker; MLflow (a local file sto
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
 from conftest import PY, run_cmd
+from tests.support.tb_events import images, scalars
 from tests.support.testing_utils import cpu_env
 
 pytestmark = pytest.mark.slow
@@ -19,29 +19,6 @@ TRAIN_TAGS = ("loss", "learning_rate", "rewards/accuracies", "rewards/margins", 
               "pairs_per_s", "tokens_per_s", "padding_fraction", "step_time_s")
 EVAL_TAGS = ("loss", "rewards/accuracies", "rewards/margins")
 HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
-
-
-def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
-    """{tag: [(step, value)]} of every event file under logdir (each run's folder), with TensorBoard's reader."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    out: dict[str, list[tuple[int, float]]] = {}
-    folders = sorted({p.parent for p in logdir.rglob("events.out.tfevents.*")})
-    assert folders, f"no event files under {logdir}"
-    for folder in folders:
-        acc = EventAccumulator(str(folder), size_guidance={"scalars": 0, "images": 0})
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return out
-
-
-def images(logdir: Path) -> set[str]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(logdir), size_guidance={"images": 0})
-    acc.Reload()
-    return set(acc.Tags()["images"])
 
 
 def test_dpo_run_writes_training_and_eval_curves(tmp_path, tiny_assets, monkeypatch):

@@ -2,7 +2,7 @@
 optimum-habana's real DistributedRunner (mpirun for 2 cards, as its own DPO baseline) → ranks running
 GaudiDPOTrainer with the engine → merge post-step. The selfcheck's four runs are the matrix: Llama and Gemma 3, each
 with LoRA (adapter reference) and full fine-tuning (the reference the plan picks: the cache), on 1 and 2 cards.
-Then SFT through the same path."""
+Then SFT through the same path, and the trackers (--report_to tensorboard) from inside optimum-habana's trainers."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import math
 import pytest
 
 from conftest import free_port, read_json, run_cmd
+from support.tb_events import scalars
 from support.twin import TWIN_PY, mpirun_skip_reason, twin_env, twin_skip_reason
 
 pytestmark = pytest.mark.slow
@@ -78,7 +79,8 @@ def test_twin_run(selfcheck, name):
 
 
 def test_sft_on_the_twin(tiny_assets, tmp_path):
-    """SFT on the HPU path (GaudiSFTTrainer) through the launcher: the loss is on the response only, and falls."""
+    """SFT on the HPU path (GaudiSFTTrainer) through the launcher: the loss is on the response only, and falls; the
+    training curve reaches TensorBoard."""
     _skip()
     run = tmp_path / "sft"
     r = run_cmd([str(TWIN_PY), "-m", "launch", "train", "--task", "sft", "--model", str(tiny_assets.llama_dir),
@@ -86,10 +88,38 @@ def test_sft_on_the_twin(tiny_assets, tmp_path):
                  "--max_length", "256", "--max_prompt_length", "128", "--", "--dataset_name", str(tiny_assets.data_dir),
                  "--max_steps", "15", "--learning_rate", "3e-3", "--per_device_train_batch_size", "8",
                  "--gradient_accumulation_steps", "1", "--logging_steps", "5", "--max_train_samples", "160",
-                 "--max_eval_samples", "32", "--save_steps", "1000"], timeout=600, env=twin_env())
+                 "--max_eval_samples", "32", "--save_steps", "1000", "--report_to", "tensorboard"], timeout=600,
+                env=twin_env())
     assert r.returncode == 0, r.stdout[-5000:]
     m = read_json(run / "output" / "training_metrics.json")
     assert m["stage"] == "sft" and m["backend"] == "cpu" and m["trainer"] == "GaudiSFTTrainer"
     assert 0.05 < m["loss_token_fraction"] < 0.8  # the response only: optimum-habana's default would be 1.0
     assert m["last_train_loss"] < m["first_train_loss"] - 0.5, (m["first_train_loss"], m["last_train_loss"])
     assert (run / "output_merged" / "config.json").is_file()
+    tb = scalars(run / "output" / "runs")
+    assert [s for s, _ in tb["train/loss"]] == [1, 5, 10, 15] and "train/learning_rate" in tb, sorted(tb)
+    losses = [v for _, v in tb["train/loss"]]
+    assert losses[-1] < losses[0]
+
+
+def test_dpo_tracking_on_the_twin(tiny_assets, tmp_path):
+    """--report_to tensorboard from inside GaudiDPOTrainer: the DPO curves, dpo-dist's throughput and padding
+    figures, and the eval scalars at --eval_steps, as on the CPU path."""
+    _skip()
+    run = tmp_path / "dpo"
+    r = run_cmd([str(TWIN_PY), "-m", "launch", "train", "--model", str(tiny_assets.llama_dir), "--hardware", "gaudi2",
+                 "--cards", "1", "--run_dir", str(run), "--master_port", str(free_port()), "--max_length", "256",
+                 "--max_prompt_length", "128", "--", "--dataset_name", str(tiny_assets.data_dir), "--max_steps", "6",
+                 "--logging_steps", "2", "--eval_steps", "3", "--per_device_train_batch_size", "2",
+                 "--gradient_accumulation_steps", "1", "--per_device_eval_batch_size", "4", "--max_train_samples",
+                 "64", "--max_eval_samples", "8", "--save_steps", "1000", "--report_to", "tensorboard",
+                 "--no_merge"], timeout=600, env=twin_env())
+    assert r.returncode == 0, r.stdout[-5000:]
+    assert read_json(run / "output" / "training_metrics.json")["trainer_api"] == "gaudi"
+    tb = scalars(run / "output" / "runs")
+    for tag in ("loss", "learning_rate", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+                "pairs_per_s", "tokens_per_s", "padding_fraction"):
+        assert [s for s, _ in tb.get(f"train/{tag}", [])] == [1, 2, 4, 6], (tag, sorted(tb))
+    assert all(v > 0 for _, v in tb["train/pairs_per_s"])
+    for tag in ("loss", "rewards/accuracies"):
+        assert {3, 6} <= {s for s, _ in tb[f"eval/{tag}"]}, (tag, sorted(tb))
