@@ -10,14 +10,11 @@ import importlib.util
 import pytest
 
 from conftest import PY, run_cmd
-from tests.support.tb_events import images, scalars
+from tests.support.tb_events import EVAL_TAGS, TRAIN_TAGS, images, scalars
 from tests.support.testing_utils import cpu_env
 
 pytestmark = pytest.mark.slow
 
-TRAIN_TAGS = ("loss", "learning_rate", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
-              "pairs_per_s", "tokens_per_s", "padding_fraction", "step_time_s")
-EVAL_TAGS = ("loss", "rewards/accuracies", "rewards/margins")
 HAVE_MLFLOW = importlib.util.find_spec("mlflow") is not None
 
 

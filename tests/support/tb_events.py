@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# What a DPO run's trackers log: the trainer's curves and dpo-dist's throughput/padding figures, then the eval scalars.
+TRAIN_TAGS = ("loss", "learning_rate", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
+              "pairs_per_s", "tokens_per_s", "padding_fraction", "step_time_s")
+EVAL_TAGS = ("loss", "rewards/accuracies", "rewards/margins")
+
 
 def scalars(logdir: Path) -> dict[str, list[tuple[int, float]]]:
     """{tag: [(step, value)]} of every event file under logdir (each run's folder)."""

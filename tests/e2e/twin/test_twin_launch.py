@@ -11,7 +11,7 @@ import math
 import pytest
 
 from conftest import free_port, read_json, run_cmd
-from support.tb_events import scalars
+from support.tb_events import EVAL_TAGS, TRAIN_TAGS, scalars
 from support.twin import TWIN_PY, mpirun_skip_reason, twin_env, twin_skip_reason
 
 pytestmark = pytest.mark.slow
@@ -117,9 +117,8 @@ def test_dpo_tracking_on_the_twin(tiny_assets, tmp_path):
     assert r.returncode == 0, r.stdout[-5000:]
     assert read_json(run / "output" / "training_metrics.json")["trainer_api"] == "gaudi"
     tb = scalars(run / "output" / "runs")
-    for tag in ("loss", "learning_rate", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected",
-                "pairs_per_s", "tokens_per_s", "padding_fraction"):
+    for tag in TRAIN_TAGS:
         assert [s for s, _ in tb.get(f"train/{tag}", [])] == [1, 2, 4, 6], (tag, sorted(tb))
     assert all(v > 0 for _, v in tb["train/pairs_per_s"])
-    for tag in ("loss", "rewards/accuracies"):
+    for tag in EVAL_TAGS:
         assert {3, 6} <= {s for s, _ in tb[f"eval/{tag}"]}, (tag, sorted(tb))
